@@ -1,0 +1,80 @@
+"""KV compressor (ARCHITECTURE.md §6): pools blocks of ``m`` tokens into one row with a per-channel softmax.
+
+Ratio 4 (CSA) is overlapping: row b pools the first-half features of block b-1 and the second-half
+features of block b (8 slots, stride 4). Other ratios (HCA, m = 128 in Flash) pool their own block only.
+Projections, gates and pooling are fp32 whatever the compute dtype (§11.1).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from . import quant
+from .config import Config
+from .norm import rms_norm
+from .params import Compressor
+from .rope import apply_rope, rope_frequencies
+
+
+def project(p: Compressor, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """§6.2: ``A = x @ wkv^T`` and ``S = x @ wgate^T + ape[p mod m]``, fp32. ``x [B, T, D]`` -> ``[B, T, c*d_c]``."""
+    m = p.ape.shape[0]
+    xf = x.astype(jnp.float32)
+    a = quant.matmul("btd,wd->btw", xf, p.wkv.astype(jnp.float32))
+    s = quant.matmul("btd,wd->btw", xf, p.wgate.astype(jnp.float32)) + p.ape[positions % m]
+    return a, s
+
+
+def pool(a: jax.Array, s: jax.Array, overlap: bool, prev_a=None, prev_s=None) -> jax.Array:
+    """§6.3: pool whole blocks. ``a, s [B, N, m, c*d_c]`` -> rows ``[B, N, d_c]`` (fp32).
+
+    For an overlapping compressor, ``prev_a, prev_s [B, m, d_c]`` are the first halves of the block before
+    block 0 (absent: weight 0, as at the start of a sequence)."""
+    if not overlap:
+        return jnp.sum(jax.nn.softmax(s, axis=2) * a, axis=2)
+    b, n, m, w = a.shape
+    dc = w // 2
+    if prev_a is None:
+        prev_a = jnp.zeros((b, m, dc), a.dtype)
+        prev_s = jnp.full((b, m, dc), -jnp.inf, s.dtype)
+    pa = jnp.concatenate([prev_a[:, None], a[:, :-1, :, :dc]], axis=1)
+    ps = jnp.concatenate([prev_s[:, None], s[:, :-1, :, :dc]], axis=1)
+    slots_a = jnp.concatenate([pa, a[..., dc:]], axis=2)  # [B, N, 2m, d_c]
+    slots_s = jnp.concatenate([ps, s[..., dc:]], axis=2)
+    return jnp.sum(jax.nn.softmax(slots_s, axis=2) * slots_a, axis=2)
+
+
+def finish(p: Compressor, rows: jax.Array, block_idx: jax.Array, ratio: int, config: Config, dtype,
+           *, kind: str, qat: bool = True) -> jax.Array:
+    """§6.4: cast to the compute dtype, RMSNorm, RoPE at the block's first position ``b*m`` (compressed-layer
+    table), then the stored-row simulation: FP8 on the non-rotary dims (``kind="main"``) or Hadamard + FP4 on
+    all dims (``kind="indexer"``); ``qat=False`` skips the simulation."""
+    r = rms_norm(rows.astype(dtype), p.norm, config.rms_norm_eps)
+    r = apply_rope(r, block_idx * ratio, rope_frequencies(config, compressed=True))
+    if not qat:
+        return r
+    if kind == "main":
+        return kv_fp8_sim(r, config)
+    return quant.fp4_sim(quant.hadamard(r), 32)
+
+
+def kv_fp8_sim(kv: jax.Array, config: Config) -> jax.Array:
+    """§5.2: FP8_SIM (block 64) on the non-rotary dims of a stored KV row; the rotary dims are untouched."""
+    nope = config.head_dim - config.qk_rope_head_dim
+    return jnp.concatenate([quant.fp8_sim(kv[..., :nope], 64), kv[..., nope:]], axis=-1)
+
+
+def compress_sequence(p: Compressor, x: jax.Array, ratio: int, config: Config, dtype, *, kind: str,
+                      qat: bool = True) -> jax.Array:
+    """All complete blocks of a sequence that starts at position 0: ``x [B, T, D]`` -> ``[B, T // m, d_c]``."""
+    b, t, _ = x.shape
+    n = t // ratio
+    if n == 0:
+        return jnp.zeros((b, 0, p.norm.shape[0]), dtype)
+    positions = jnp.arange(n * ratio)
+    a, s = project(p, x[:, : n * ratio], positions)
+    a = a.reshape(b, n, ratio, -1)
+    s = s.reshape(b, n, ratio, -1)
+    rows = pool(a, s, overlap=ratio == 4)
+    return finish(p, rows, jnp.arange(n)[None], ratio, config, dtype, kind=kind, qat=qat)

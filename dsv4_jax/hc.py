@@ -1,0 +1,62 @@
+"""Manifold-constrained hyper-connections (mHC, ARCHITECTURE.md §4). All arithmetic in fp32.
+
+The residual is carried as ``n = hc_mult`` streams ``h [B, T, n, D]``; each sub-layer reads a mix of the
+streams (``hc_pre``) and writes back through ``post`` and a doubly-stochastic ``comb`` (``hc_post``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from .config import Config
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+def _mixes(h: jax.Array, fn: jax.Array, eps: float) -> jax.Array:
+    """§4.2 steps 1-3: ``mu = (flatten(h) @ fn^T) * rho`` with ``rho`` the unweighted RMS of all n*D values."""
+    x = h.reshape(*h.shape[:-2], -1).astype(jnp.float32)
+    rho = jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+    return jnp.einsum("...k,mk->...m", x, fn.astype(jnp.float32), precision=_HI) * rho
+
+
+def sinkhorn(m0: jax.Array, iters: int, eps: float) -> jax.Array:
+    """§4.2 step 8: row softmax (+eps), column normalisation, then ``iters - 1`` (row, column) rounds."""
+    m = jax.nn.softmax(m0, axis=-1) + eps
+    m = m / (jnp.sum(m, axis=-2, keepdims=True) + eps)
+
+    def round_(_, m):
+        m = m / (jnp.sum(m, axis=-1, keepdims=True) + eps)
+        return m / (jnp.sum(m, axis=-2, keepdims=True) + eps)
+
+    return jax.lax.fori_loop(0, iters - 1, round_, m)
+
+
+def hc_pre(h: jax.Array, fn: jax.Array, scale: jax.Array, base: jax.Array, config: Config):
+    """Collapse the streams for a sub-layer.
+
+    ``h [B, T, n, D]`` -> ``x [B, T, D]`` (h's dtype), ``post [B, T, n]`` and ``comb [B, T, n, n]`` (fp32;
+    ``comb[j, k]``: source stream j to destination stream k)."""
+    n = config.hc_mult
+    mu = _mixes(h, fn, config.rms_norm_eps)
+    scale, base = scale.astype(jnp.float32), base.astype(jnp.float32)
+    pre = jax.nn.sigmoid(mu[..., :n] * scale[0] + base[:n]) + config.hc_eps
+    post = 2 * jax.nn.sigmoid(mu[..., n : 2 * n] * scale[1] + base[n : 2 * n])
+    m0 = (mu[..., 2 * n :] * scale[2] + base[2 * n :]).reshape(*mu.shape[:-1], n, n)
+    comb = sinkhorn(m0, config.hc_sinkhorn_iters, config.hc_eps)
+    x = jnp.einsum("...j,...jd->...d", pre, h.astype(jnp.float32), precision=_HI)
+    return x.astype(h.dtype), post, comb
+
+
+def hc_post(y: jax.Array, h: jax.Array, post: jax.Array, comb: jax.Array) -> jax.Array:
+    """§4.3: ``h'[k] = post_k * y + sum_j comb[j, k] * h[j]`` (fp32, stored in h's dtype)."""
+    mixed = jnp.einsum("...jk,...jd->...kd", comb, h.astype(jnp.float32), precision=_HI)
+    return (post[..., None] * y.astype(jnp.float32)[..., None, :] + mixed).astype(h.dtype)
+
+
+def hc_head(h: jax.Array, fn: jax.Array, scale: jax.Array, base: jax.Array, config: Config) -> jax.Array:
+    """§9.1: the final collapse, ``y = sum_j (sigmoid(scale * mu_j + base_j) + eps) h[j]``."""
+    mu = _mixes(h, fn, config.rms_norm_eps)
+    pre = jax.nn.sigmoid(mu * scale.astype(jnp.float32)[0] + base.astype(jnp.float32)) + config.hc_eps
+    return jnp.einsum("...j,...jd->...d", pre, h.astype(jnp.float32), precision=_HI).astype(h.dtype)

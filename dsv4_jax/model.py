@@ -1,0 +1,166 @@
+"""The whole model (ARCHITECTURE.md §3, §9): embedding, 43 blocks of mHC-wrapped attention and MoE, the
+hyper-connection head and the LM head; and the MTP block.
+
+``Model`` couples a ``Config`` with its parameters and the compute dtype. ``forward`` and ``forward_mtp`` are
+pure, jit-compiled functions of a model and token ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from . import quant
+from .attention import attention
+from .config import Config
+from .hc import hc_head, hc_post, hc_pre
+from .moe import moe
+from .norm import rms_norm
+from .params import Block, Params, init_params
+
+DType = Literal["bfloat16", "float32"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Numerics:
+    """Switches for the quantisation simulations that are part of the trained graph (ARCHITECTURE.md §2.3).
+
+    Both are on in the model; turning one off reproduces ports that skip it (e.g. Hugging Face transformers
+    skips both, ARCHITECTURE.md §13 rows 2 and 5) or measures its effect."""
+
+    kv_fp8: bool = True  # FP8_SIM of the non-rotary dims of every stored KV row (raw and compressed)
+    indexer_fp4: bool = True  # Hadamard rotation + FP4_SIM of the indexer's queries and keys
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A configuration, its parameters (in their stored formats) and the compute dtype.
+
+    ``dtype="bfloat16"`` (default) follows the reference's dtype map (§11.1); ``"float32"`` dequantises exactly
+    and computes everything in fp32 (for checking exactness)."""
+
+    config: Config
+    params: Params
+    dtype: DType = "bfloat16"
+    numerics: Numerics = Numerics()
+
+    def __post_init__(self):
+        if self.dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {self.dtype!r}")
+
+    def with_dtype(self, dtype: DType) -> Model:
+        return dataclasses.replace(self, dtype=dtype)
+
+
+jax.tree_util.register_dataclass(Model, data_fields=["params"], meta_fields=["config", "dtype", "numerics"])
+
+
+def random_model(config: Config, seed: int = 0, *, dtype: DType = "bfloat16", **init_kwargs) -> Model:
+    """A model with random parameters in the stored formats (see ``params.init_params``)."""
+    return Model(config=config, params=init_params(config, jax.random.key(seed), **init_kwargs), dtype=dtype)
+
+
+def block(p: Block, h: jax.Array, tokens: jax.Array, positions: jax.Array, layer: int, model: Model) -> jax.Array:
+    """§3 ``Block_l``: streams ``h [B, T, n, D]`` -> ``[B, T, n, D]``."""
+    c, dt = model.config, model.dtype
+    x, post, comb = hc_pre(h, p.hc_attn_fn, p.hc_attn_scale, p.hc_attn_base, c)
+    x = rms_norm(x, p.attn_norm, c.rms_norm_eps)
+    a = attention(p.attn, x, positions, layer, c, dt, kv_qat=model.numerics.kv_fp8,
+                  indexer_qat=model.numerics.indexer_fp4)
+    h = hc_post(a, h, post, comb)
+    x, post, comb = hc_pre(h, p.hc_ffn_fn, p.hc_ffn_scale, p.hc_ffn_base, c)
+    x = rms_norm(x, p.ffn_norm, c.rms_norm_eps)
+    f = moe(p.ffn, x, tokens, c, dt)
+    return hc_post(f, h, post, comb)
+
+
+def _check_tokens(model: Model, tokens) -> jax.Array:
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [batch, time], got shape {tokens.shape}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise TypeError(f"tokens must be integers, got {tokens.dtype}")
+    if tokens.shape[1] > model.config.max_position_embeddings:
+        raise ValueError(f"{tokens.shape[1]} tokens exceed max_position_embeddings = "
+                         f"{model.config.max_position_embeddings}")
+    return tokens.astype(jnp.int32)
+
+
+def _embed(model: Model, tokens: jax.Array) -> jax.Array:
+    """Embedding lookup, repeated into ``hc_mult`` identical streams: ``[B, T, n, D]``."""
+    e = model.params.embed[tokens].astype(model.dtype)
+    return jnp.repeat(e[:, :, None, :], model.config.hc_mult, axis=2)
+
+
+def _head(model: Model, h: jax.Array, fn, scale, base, norm) -> jax.Array:
+    """§9.1: HCHead, final RMSNorm, fp32 LM head."""
+    c = model.config
+    y = rms_norm(hc_head(h, fn, scale, base, c), norm, c.rms_norm_eps)
+    return quant.matmul("btd,vd->btv", y.astype(jnp.float32), model.params.head.astype(jnp.float32))
+
+
+@jax.jit
+def _streams(model: Model, tokens: jax.Array) -> list[jax.Array]:
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    h = _embed(model, tokens)
+    out = [h]
+    for layer, p in enumerate(model.params.layers):
+        h = block(p, h, tokens, positions, layer, model)
+        out.append(h)
+    return out
+
+
+@jax.jit
+def _forward(model: Model, tokens: jax.Array) -> jax.Array:
+    p = model.params
+    h = _streams(model, tokens)[-1]
+    return _head(model, h, p.hc_head_fn, p.hc_head_scale, p.hc_head_base, p.norm)
+
+
+def forward(model: Model, tokens) -> jax.Array:
+    """Logits of every position: ``tokens int32 [B, T]`` (positions 0..T-1) -> ``float32 [B, T, V]``."""
+    return _forward(model, _check_tokens(model, tokens))
+
+
+def hidden_streams(model: Model, tokens) -> list[jax.Array]:
+    """The residual streams ``[B, T, n, D]`` after the embedding and after each block (``L + 1`` arrays)."""
+    return _streams(model, _check_tokens(model, tokens))
+
+
+@jax.jit
+def _forward_mtp(model: Model, tokens: jax.Array) -> jax.Array:
+    c, p = model.config, model.params
+    h = _streams(model, tokens)[-1][:, :-1]  # h_i, i = 0..T-2
+    nxt = tokens[:, 1:]  # tok_{i+1}
+    b, t = nxt.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    logits = []
+    for j, m in enumerate(p.mtp):
+        e = rms_norm(p.embed[nxt].astype(model.dtype), m.enorm, c.rms_norm_eps)
+        hh = rms_norm(h, m.hnorm, c.rms_norm_eps)
+        x = (quant.linear(e, m.e_proj, model.dtype, jnp.float32)[:, :, None, :]
+             + quant.linear(hh, m.h_proj, model.dtype, jnp.float32)).astype(model.dtype)
+        x = block(m.block, x, nxt, positions, c.num_hidden_layers + j, model)
+        logits.append(_head(model, x, m.hc_head_fn, m.hc_head_scale, m.hc_head_base, m.norm))
+        h = x
+    return jnp.stack(logits)
+
+
+def forward_mtp(model: Model, tokens) -> jax.Array:
+    """Logits of the MTP head (§9.2): ``tokens int32 [B, T]`` -> ``float32 [B, T-1, V]``.
+
+    Row i combines the main model's final streams at position i with the embedding of ``tokens[:, i+1]``
+    and predicts token i+2; the MTP block's attention sees positions 0..T-2. With several MTP layers the
+    result is ``[n_mtp, B, T-1, V]``, layer j feeding on layer j-1's streams."""
+    tokens = _check_tokens(model, tokens)
+    n = model.config.num_nextn_predict_layers
+    if n == 0:
+        raise ValueError("this configuration has no MTP layer (num_nextn_predict_layers = 0)")
+    if tokens.shape[1] < 2:
+        raise ValueError("forward_mtp needs at least 2 tokens")
+    out = _forward_mtp(model, tokens)
+    return out[0] if n == 1 else out

@@ -1,0 +1,83 @@
+"""Mixture-of-experts FFN (ARCHITECTURE.md §8): sqrt-softplus router with a selection-only bias or hash
+routing, renormalised top-k weights times the routed scale, clipped SwiGLU experts and one shared expert."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from . import quant
+from .config import Config
+from .params import Experts, MoE
+
+
+def route(p: MoE, x: jax.Array, tokens: jax.Array, config: Config) -> tuple[jax.Array, jax.Array]:
+    """§8.1 (fp32): expert ids ``[..., k]`` and weights ``[..., k]``.
+
+    Score-routed layers pick the top-k of ``scores + bias`` (ties to the lower expert id); hash layers take
+    ``tid2eid[token]``. Weights are the selected unbiased scores, renormalised, times the routed scale."""
+    z = quant.matmul("...d,ed->...e", x.astype(jnp.float32), p.gate.astype(jnp.float32))
+    scores = jnp.sqrt(jax.nn.softplus(z))
+    if p.tid2eid is not None:
+        ids = p.tid2eid[tokens]
+    else:
+        _, ids = jax.lax.top_k(scores + p.bias, config.num_experts_per_tok)
+    w = jnp.take_along_axis(scores, ids, axis=-1)
+    w = w / jnp.sum(w, axis=-1, keepdims=True) * config.routed_scaling_factor
+    return ids, w
+
+
+def swiglu(e: Experts, x: jax.Array, config: Config, dtype) -> jax.Array:
+    """§8.2: ``SiLU(min(x w1^T, L)) * clamp(x w3^T, -L, L)``, fp32 ``[..., I]``."""
+    lim = config.swiglu_limit
+    a = jnp.minimum(quant.linear(x, e.w1, dtype, jnp.float32), lim)
+    u = jnp.clip(quant.linear(x, e.w3, dtype, jnp.float32), -lim, lim)
+    return jax.nn.silu(a) * u
+
+
+def expert_ffn(e: Experts, x: jax.Array, weight: jax.Array | None, config: Config, dtype) -> jax.Array:
+    """One expert, fp32 ``[..., D]``; a routed expert multiplies its hidden by its routing weight before w2."""
+    h = swiglu(e, x, config, dtype)
+    if weight is not None:
+        h = h * weight[..., None]
+    return quant.linear(h.astype(dtype), e.w2, dtype, jnp.float32)
+
+
+def _slice(e: Experts, i) -> Experts:
+    return jax.tree.map(lambda a: a[i], e)
+
+
+def routed_experts(e: Experts, x: jax.Array, ids: jax.Array, w: jax.Array, config: Config, dtype) -> jax.Array:
+    """Sum over the selected experts of ``w * expert(x)``, fp32. ``x [N, D]``, ``ids, w [N, k]``.
+
+    Reference evaluation: with few (token, expert) pairs each pair gathers and dequantises its expert;
+    otherwise the experts are visited one at a time (only those that received tokens are computed), so at
+    most one expert is ever dequantised."""
+    n, k = ids.shape
+    if n * k <= config.n_routed_experts:
+        flat_ids = ids.reshape(-1)
+        xs = jnp.repeat(x, k, axis=0)
+        ys = jax.vmap(lambda i, xi, wi: expert_ffn(_slice(e, i), xi, wi, config, dtype))(
+            flat_ids, xs, w.reshape(-1))
+        return ys.reshape(n, k, -1).sum(axis=1)
+
+    def body(acc, i):
+        wi = jnp.sum(jnp.where(ids == i, w, 0.0), axis=-1)  # [N]
+        y = jax.lax.cond(jnp.any(ids == i), lambda: expert_ffn(_slice(e, i), x, wi, config, dtype),
+                         lambda: jnp.zeros_like(acc))
+        return acc + y, None
+
+    acc, _ = jax.lax.scan(body, jnp.zeros((n, config.hidden_size), jnp.float32),
+                          jnp.arange(config.n_routed_experts))
+    return acc
+
+
+def moe(p: MoE, x: jax.Array, tokens: jax.Array, config: Config, dtype) -> jax.Array:
+    """§8.3: routed experts plus the (clipped, unweighted) shared expert, accumulated in fp32.
+    ``x [B, T, D]``, ``tokens [B, T]`` (hash routing) -> ``[B, T, D]`` in the compute dtype."""
+    b, t, d = x.shape
+    ids, w = route(p, x, tokens, config)
+    routed = routed_experts(p.experts, x.reshape(b * t, d), ids.reshape(b * t, -1), w.reshape(b * t, -1),
+                            config, dtype)
+    shared = expert_ffn(p.shared, x, None, config, dtype)
+    return (routed.reshape(b, t, d) + shared).astype(dtype)

@@ -1,0 +1,322 @@
+"""Number formats of the checkpoint, their exact dequantisation, the quantisers, and the activation
+simulations of the reference model.
+
+Weights stay in their stored formats in memory (CHECKPOINT.md §2-§5):
+
+* ``Fp8Block``  e4m3 weight ``[..., out, in]`` with one UE8M0 (power-of-two) scale per 128x128 block;
+* ``Nvfp4``     E2M1 codes packed two per byte ``[..., out, in/2]`` (low nibble = even column), one e4m3
+  scale per 16 inputs and one fp32 global scale (``weight_scale_2``) per matrix;
+* ``Mxfp4``     E2M1 codes packed the same way, one UE8M0 scale per 32 inputs;
+* plain ``jax.Array`` for bf16 / fp32 tensors.
+
+Every product E2M1 x e4m3 x 2^k is exact in bf16 (KERNELS.md §4.2), so ``dequantize(w, bfloat16)`` loses
+nothing for FP8 / MXFP4 weights and for NVFP4 weights up to the fp32 global scale, which ``linear``
+applies to the fp32 accumulator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FP8_BLOCK = 128
+NVFP4_BLOCK = 16
+MXFP4_BLOCK = 32
+E4M3_MAX = 448.0
+E2M1_MAX = 6.0
+
+# CHECKPOINT.md §2.1: code c -> (-1)^(c >> 3) * magnitude[c & 7].
+E2M1_VALUES = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
+
+
+def _pytree(cls):
+    """A frozen dataclass registered as a pytree whose fields are all arrays."""
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    return jax.tree_util.register_dataclass(cls, data_fields=names, meta_fields=[])
+
+
+@_pytree
+class Fp8Block:
+    """FP8 e4m3 weight with 128x128 power-of-two block scales. ``weight [..., out, in]`` float8_e4m3fn,
+    ``scale [..., ceil(out/128), ceil(in/128)]`` float8_e8m0fnu."""
+
+    weight: jax.Array
+    scale: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape)
+
+
+@_pytree
+class Nvfp4:
+    """ModelOpt NVFP4. ``weight [..., out, in/2]`` uint8 (two E2M1 codes, low nibble = even input),
+    ``weight_scale [..., out, in/16]`` float8_e4m3fn, ``weight_scale_2 [...]`` and ``input_scale [...]`` fp32."""
+
+    weight: jax.Array
+    weight_scale: jax.Array
+    weight_scale_2: jax.Array
+    input_scale: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.weight.shape[:-1], 2 * self.weight.shape[-1])
+
+
+@_pytree
+class Mxfp4:
+    """MXFP4 (DeepSeek's native routed experts). ``weight [..., out, in/2]`` uint8, ``scale [..., out, in/32]``
+    float8_e8m0fnu."""
+
+    weight: jax.Array
+    scale: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.weight.shape[:-1], 2 * self.weight.shape[-1])
+
+
+Weight = Union[jax.Array, Fp8Block, Nvfp4, Mxfp4]
+QUANTIZED = (Fp8Block, Nvfp4, Mxfp4)
+
+
+def logical_shape(w: Weight) -> tuple[int, ...]:
+    """The shape of the dequantised matrix."""
+    return tuple(w.shape)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Element decoding
+
+
+def e2m1_decode(codes: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """4-bit codes (any integer dtype, values 0..15) -> values, by table (CHECKPOINT.md §2.1)."""
+    return jnp.asarray(E2M1_VALUES, dtype)[codes.astype(jnp.int32)]
+
+
+def unpack_nibbles(packed: jax.Array) -> jax.Array:
+    """uint8 ``[..., n]`` -> codes uint8 ``[..., 2n]``: element 2k is the low nibble, 2k+1 the high one."""
+    lo = packed & 0x0F
+    hi = packed >> 4
+    return jnp.stack([lo, hi], axis=-1).reshape(*packed.shape[:-1], 2 * packed.shape[-1])
+
+
+def pack_nibbles(codes: jax.Array) -> jax.Array:
+    """codes ``[..., 2n]`` (0..15) -> uint8 ``[..., n]``; inverse of :func:`unpack_nibbles`."""
+    c = codes.astype(jnp.uint8).reshape(*codes.shape[:-1], codes.shape[-1] // 2, 2)
+    return c[..., 0] | (c[..., 1] << 4)
+
+
+def e8m0_to_f32(scale: jax.Array) -> jax.Array:
+    """UE8M0 scales -> fp32 powers of two (byte 255 -> NaN, byte 0 -> 2^-127)."""
+    if scale.dtype != jnp.uint8:
+        scale = jax.lax.bitcast_convert_type(scale, jnp.uint8)
+    e = scale.astype(jnp.int32)
+    # 2^(e-127) built from the bit pattern: exact, including the subnormal 2^-127.
+    normal = jax.lax.bitcast_convert_type(jnp.clip(e, 1, 254) << 23, jnp.float32)
+    out = jnp.where(e == 0, jnp.float32(2.0**-127), normal)
+    return jnp.where(e == 255, jnp.float32(jnp.nan), out)
+
+
+def _expand_blocks(s: jax.Array, axis: int, block: int, size: int) -> jax.Array:
+    return jnp.repeat(s, block, axis=axis, total_repeat_length=None).take(jnp.arange(size), axis=axis)
+
+
+def dequantize(w: Weight, dtype=jnp.float32) -> jax.Array:
+    """The logical matrix ``[..., out, in]`` in ``dtype``.
+
+    For ``Nvfp4`` the fp32 global scale ``weight_scale_2`` is included only when ``dtype`` is float32; in
+    bf16 the product E2M1 x e4m3 is exact but its product with an arbitrary fp32 global scale is not, so
+    :func:`linear` applies the global scale to the fp32 accumulator instead. Use :func:`dequantize_full` for
+    the complete value in any dtype.
+    """
+    if isinstance(w, Fp8Block):
+        out, inn = w.weight.shape[-2:]
+        s = e8m0_to_f32(w.scale)
+        s = _expand_blocks(s, -2, FP8_BLOCK, out)
+        s = _expand_blocks(s, -1, FP8_BLOCK, inn)
+        return (w.weight.astype(jnp.float32) * s).astype(dtype)
+    if isinstance(w, Nvfp4):
+        v = e2m1_decode(unpack_nibbles(w.weight))
+        s = jnp.repeat(w.weight_scale.astype(jnp.float32), NVFP4_BLOCK, axis=-1)
+        v = v * s
+        if jnp.dtype(dtype) == jnp.float32:
+            v = v * w.weight_scale_2[..., None, None]
+        return v.astype(dtype)
+    if isinstance(w, Mxfp4):
+        v = e2m1_decode(unpack_nibbles(w.weight))
+        s = jnp.repeat(e8m0_to_f32(w.scale), MXFP4_BLOCK, axis=-1)
+        return (v * s).astype(dtype)
+    return w.astype(dtype)
+
+
+def dequantize_full(w: Weight) -> jax.Array:
+    """The complete logical matrix in float32 (global NVFP4 scale included)."""
+    return dequantize(w, jnp.float32)
+
+
+def global_scale(w: Weight) -> jax.Array | None:
+    """The fp32 factor :func:`dequantize` leaves out in low precision (NVFP4's ``weight_scale_2``)."""
+    return w.weight_scale_2 if isinstance(w, Nvfp4) else None
+
+
+def matmul(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """``einsum`` with fp32 accumulation and result; fp32 operands are multiplied at full precision (no
+    TF32 on GPU), so the float32 compute mode is exact fp32 arithmetic."""
+    hi = a.dtype == jnp.float32 and b.dtype == jnp.float32
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32,
+                      precision=jax.lax.Precision.HIGHEST if hi else None)
+
+
+def linear(x: jax.Array, w: Weight, dtype, out_dtype=None) -> jax.Array:
+    """``x @ W^T`` with ``W [out, in]`` dequantised on the fly to the compute ``dtype``; fp32 accumulation.
+
+    The result is cast to ``out_dtype`` (default: ``dtype``)."""
+    out_dtype = dtype if out_dtype is None else out_dtype
+    y = matmul("...i,oi->...o", x.astype(dtype), dequantize(w, dtype))
+    g = global_scale(w)
+    if g is not None and jnp.dtype(dtype) != jnp.float32:
+        y = y * g
+    return y.astype(out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rounding primitives shared by the quantisers and the activation simulations
+
+
+def pow2ceil(x: jax.Array) -> jax.Array:
+    """``2^ceil(log2 x)`` for x > 0, exactly (no log2 rounding): from the fp32 exponent."""
+    m, e = jnp.frexp(x.astype(jnp.float32))  # x = m * 2^e, m in [0.5, 1)
+    return jnp.ldexp(jnp.float32(1.0), jnp.where(m == 0.5, e - 1, e))
+
+
+def e2m1_codes(x: jax.Array) -> jax.Array:
+    """Round to the nearest E2M1 value, ties to even (CHECKPOINT.md §2.1); |x| > 6 saturates.
+
+    Returns codes (uint8, 0..15); the sign bit is ``x < 0`` so -0.0 encodes as +0 (as ModelOpt does)."""
+    a = jnp.abs(x.astype(jnp.float32))
+    mag = jnp.select(
+        [a <= 0.25, a < 0.75, a <= 1.25, a < 1.75, a <= 2.5, a < 3.5, a <= 5.0],
+        [0, 1, 2, 3, 4, 5, 6],
+        7,
+    ).astype(jnp.uint8)
+    return jnp.where(x < 0, mag | 8, mag).astype(jnp.uint8)
+
+
+def e2m1_round(x: jax.Array) -> jax.Array:
+    """x rounded to E2M1 (values), fp32."""
+    return e2m1_decode(e2m1_codes(x))
+
+
+def e4m3_round(x: jax.Array) -> jax.Array:
+    """x (|x| <= 448) rounded to e4m3 with round-to-nearest-even, as fp32."""
+    return x.astype(jnp.float32).astype(jnp.float8_e4m3fn).astype(jnp.float32)
+
+
+def _blocks(x: jax.Array, block: int) -> jax.Array:
+    if x.shape[-1] % block:
+        raise ValueError(f"last dimension {x.shape[-1]} is not a multiple of the block size {block}")
+    return x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
+
+
+def fp8_sim(x: jax.Array, block: int = 64) -> jax.Array:
+    """ARCHITECTURE.md §2.3 FP8_SIM: per block of ``block`` values along the last axis, UE8M0 scale
+    ``s = pow2ceil(max(amax, 1e-4) / 448)``, e4m3 round-to-nearest-even of ``x / s``; returns x's dtype."""
+    xb = _blocks(x.astype(jnp.float32), block)
+    s = pow2ceil(jnp.maximum(jnp.max(jnp.abs(xb), axis=-1, keepdims=True), 1e-4) / E4M3_MAX)
+    q = e4m3_round(jnp.clip(xb / s, -E4M3_MAX, E4M3_MAX)) * s
+    return q.reshape(x.shape).astype(x.dtype)
+
+
+def fp4_sim(x: jax.Array, block: int = 32) -> jax.Array:
+    """ARCHITECTURE.md §2.3 FP4_SIM: per block, ``s = pow2ceil(max(amax, 6*2^-126) / 6)``, E2M1 round-to-
+    nearest-even of ``x / s``; returns x's dtype."""
+    xb = _blocks(x.astype(jnp.float32), block)
+    s = pow2ceil(jnp.maximum(jnp.max(jnp.abs(xb), axis=-1, keepdims=True), 6 * 2.0**-126) / E2M1_MAX)
+    q = e2m1_round(jnp.clip(xb / s, -E2M1_MAX, E2M1_MAX)) * s
+    return q.reshape(x.shape).astype(x.dtype)
+
+
+def hadamard_matrix(n: int) -> np.ndarray:
+    """Sylvester ("natural order") Hadamard matrix ``H[i, j] = (-1)^popcount(i & j)``, unnormalised."""
+    if n <= 0 or n & (n - 1):
+        raise ValueError(f"Hadamard size must be a power of two, got {n}")
+    i = np.arange(n)
+    bits = np.bitwise_and(i[:, None], i[None, :])
+    parity = np.zeros_like(bits)
+    while bits.any():
+        parity ^= bits & 1
+        bits >>= 1
+    return (1 - 2 * parity).astype(np.float32)
+
+
+def hadamard(x: jax.Array) -> jax.Array:
+    """ARCHITECTURE.md §2.3 HADAMARD: ``x @ H / sqrt(n)`` over the last axis (H is symmetric), fp32 math,
+    returns x's dtype."""
+    n = x.shape[-1]
+    h = jnp.asarray(hadamard_matrix(n) / np.sqrt(n))
+    y = jnp.einsum("...i,ij->...j", x.astype(jnp.float32), h, precision=jax.lax.Precision.HIGHEST)
+    return y.astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Weight quantisers
+
+
+def _e8m0_from_pow2(s: jax.Array) -> jax.Array:
+    """fp32 powers of two (normal, or 0 for "2^-127") -> float8_e8m0fnu bytes."""
+    _, e = jnp.frexp(s)
+    byte = jnp.where(s > 0, e - 1 + 127, 0).astype(jnp.uint8)
+    return jax.lax.bitcast_convert_type(byte, jnp.float8_e8m0fnu)
+
+
+def quantize_fp8_block(w: jax.Array) -> Fp8Block:
+    """FP8 block quantiser of the native checkpoint: per 128x128 block a power-of-two scale
+    ``s = pow2ceil(amax / 448)`` (1 for an all-zero block), e4m3 round-to-nearest-even of ``w / s``."""
+    *lead, out, inn = w.shape
+    po, pi = -out % FP8_BLOCK, -inn % FP8_BLOCK
+    wp = jnp.pad(w.astype(jnp.float32), [(0, 0)] * len(lead) + [(0, po), (0, pi)])
+    blocks = wp.reshape(*lead, (out + po) // FP8_BLOCK, FP8_BLOCK, (inn + pi) // FP8_BLOCK, FP8_BLOCK)
+    amax = jnp.max(jnp.abs(blocks), axis=(-3, -1))
+    s = jnp.where(amax > 0, pow2ceil(amax / E4M3_MAX), 1.0)
+    s_full = _expand_blocks(_expand_blocks(s, -2, FP8_BLOCK, out), -1, FP8_BLOCK, inn)
+    q = jnp.clip(w.astype(jnp.float32) / s_full, -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
+    return Fp8Block(weight=q, scale=_e8m0_from_pow2(s))
+
+
+def quantize_nvfp4(w: jax.Array, weight_scale_2: jax.Array | None = None, input_scale=None) -> Nvfp4:
+    """ModelOpt's NVFP4 weight quantiser (CHECKPOINT.md §4.2) on ``w [..., out, in]`` (fp32 math):
+
+    ``weight_scale_2 = amax(w) / (6 * 448)`` per matrix (pass it to share one between w1 and w3);
+    per block of 16, ``weight_scale = e4m3(amax_block / (6 * weight_scale_2))``; codes are E2M1
+    round-to-nearest-even of ``w / (weight_scale * weight_scale_2)`` (0 where that scale is 0)."""
+    w = w.astype(jnp.float32)
+    if weight_scale_2 is None:
+        weight_scale_2 = jnp.max(jnp.abs(w), axis=(-2, -1)) / (E2M1_MAX * E4M3_MAX)
+    weight_scale_2 = jnp.asarray(weight_scale_2, jnp.float32)
+    g = weight_scale_2[..., None, None]
+    wb = _blocks(w, NVFP4_BLOCK)
+    amax = jnp.max(jnp.abs(wb), axis=-1)
+    bs = (amax / (E2M1_MAX * jnp.where(g == 0, 1.0, g))).astype(jnp.float8_e4m3fn)
+    total = bs.astype(jnp.float32)[..., None] * g[..., None]
+    q = jnp.where(total == 0, 0.0, wb / jnp.where(total == 0, 1.0, total))
+    codes = e2m1_codes(q).reshape(w.shape)
+    if input_scale is None:
+        input_scale = jnp.ones(weight_scale_2.shape, jnp.float32)
+    return Nvfp4(pack_nibbles(codes), bs, weight_scale_2, jnp.asarray(input_scale, jnp.float32))
+
+
+def quantize_mxfp4(w: jax.Array) -> Mxfp4:
+    """MXFP4 quantiser: per block of 32 a power-of-two scale ``pow2ceil(amax / 6)`` (byte 0, i.e. 2^-127,
+    for an all-zero block), E2M1 round-to-nearest-even codes."""
+    wb = _blocks(w.astype(jnp.float32), MXFP4_BLOCK)
+    amax = jnp.max(jnp.abs(wb), axis=-1)
+    s = jnp.where(amax > 0, pow2ceil(amax / E2M1_MAX), 0.0)
+    q = jnp.where(s[..., None] > 0, wb / jnp.where(s > 0, s, 1.0)[..., None], 0.0)
+    codes = e2m1_codes(jnp.clip(q, -E2M1_MAX, E2M1_MAX)).reshape(w.shape)
+    return Mxfp4(pack_nibbles(codes), _e8m0_from_pow2(s))

@@ -1,0 +1,90 @@
+"""Router and experts (ARCHITECTURE.md §8)."""
+
+import dataclasses
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+
+import dsv4_jax as d
+from dsv4_jax import moe, quant
+
+C = d.tiny()
+MODEL = d.random_model(C, seed=0, dtype="float32")
+
+
+def _np(x):
+    return np.asarray(quant.dequantize_full(x), np.float64)
+
+
+def test_router_formula_and_bias_only_selects():
+    p = MODEL.params.layers[3].ffn  # score-routed
+    x = np.random.default_rng(0).standard_normal((7, C.hidden_size)).astype(np.float32)
+    ids, w = moe.route(p, jnp.asarray(x), jnp.zeros(7, jnp.int32), C)
+    s = np.sqrt(np.log1p(np.exp(x.astype(np.float64) @ _np(p.gate).T)))
+    want_ids = np.argsort(-(s + np.asarray(p.bias)), axis=-1, kind="stable")[:, :C.num_experts_per_tok]
+    np.testing.assert_array_equal(np.sort(np.asarray(ids), -1), np.sort(want_ids, -1))
+    sel = np.take_along_axis(s, np.asarray(ids), -1)
+    np.testing.assert_allclose(np.asarray(w), sel / sel.sum(-1, keepdims=True) * 1.5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(w).sum(-1), C.routed_scaling_factor, rtol=1e-6)
+
+
+def test_router_ties_go_to_the_lower_expert_id():
+    p = MODEL.params.layers[3].ffn
+    p = dataclasses.replace(p, gate=jnp.zeros_like(p.gate), bias=jnp.zeros_like(p.bias))  # all scores equal
+    ids, w = moe.route(p, jnp.ones((2, C.hidden_size)), jnp.zeros(2, jnp.int32), C)
+    np.testing.assert_array_equal(np.asarray(ids), [[0, 1], [0, 1]])
+    np.testing.assert_allclose(np.asarray(w), 0.75)
+
+
+def test_hash_routing_uses_the_token_and_learned_weights():
+    p = MODEL.params.layers[0].ffn
+    assert p.tid2eid is not None and p.bias is None
+    tokens = jnp.asarray([3, 200, 3])
+    x = np.random.default_rng(1).standard_normal((3, C.hidden_size)).astype(np.float32)
+    ids, w = moe.route(p, jnp.asarray(x), tokens, C)
+    np.testing.assert_array_equal(np.asarray(ids), np.asarray(p.tid2eid)[[3, 200, 3]])
+    s = np.sqrt(np.log1p(np.exp(x.astype(np.float64) @ _np(p.gate).T)))
+    sel = np.take_along_axis(s, np.asarray(ids), -1)
+    np.testing.assert_allclose(np.asarray(w), sel / sel.sum(-1, keepdims=True) * 1.5, rtol=1e-5)
+
+
+def swiglu_np(x, w1, w2, w3, lim=10.0):
+    a = np.minimum(x @ w1.T, lim)
+    u = np.clip(x @ w3.T, -lim, lim)
+    return (a / (1 + np.exp(-a)) * u) @ w2.T
+
+
+def test_moe_layer_with_clipped_shared_expert():
+    """Large inputs drive the SwiGLU clip in routed and shared experts; the layer equals the formula."""
+    p = MODEL.params.layers[3].ffn
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((2, 9, C.hidden_size)) * 8).astype(np.float32)
+    got = np.asarray(moe.moe(p, jnp.asarray(x), jnp.zeros((2, 9), jnp.int32), C, jnp.float32))
+    ids, w = (np.asarray(a) for a in moe.route(p, jnp.asarray(x), jnp.zeros((2, 9), jnp.int32), C))
+    e = p.experts
+    xs = x.reshape(-1, C.hidden_size).astype(np.float64)
+    shared = swiglu_np(xs, _np(p.shared.w1), _np(p.shared.w2), _np(p.shared.w3))
+    routed = np.zeros_like(xs)
+    for t in range(xs.shape[0]):
+        for j, eid in enumerate(ids.reshape(-1, 2)[t]):
+            we = [_np(jax.tree.map(lambda a: a[eid], getattr(e, k))) for k in ("w1", "w2", "w3")]
+            a = np.minimum(xs[t] @ we[0].T, 10)
+            u = np.clip(xs[t] @ we[2].T, -10, 10)
+            routed[t] += (w.reshape(-1, 2)[t, j] * a / (1 + np.exp(-a)) * u) @ we[1].T
+    np.testing.assert_allclose(got.reshape(-1, C.hidden_size), routed + shared, rtol=1e-4, atol=1e-4)
+    # The clip is active: without it the shared expert's output would differ.
+    a = xs @ _np(p.shared.w1).T
+    assert (a > 10).any()
+    unclipped = ((a / (1 + np.exp(-a))) * (xs @ _np(p.shared.w3).T)) @ _np(p.shared.w2).T
+    assert np.abs(unclipped - shared).max() > 1e-2
+
+
+def test_both_expert_evaluation_orders_agree():
+    """Few tokens gather their experts; many tokens visit the experts one by one: the same numbers."""
+    p = MODEL.params.layers[3].ffn
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((6, C.hidden_size)), jnp.float32)
+    ids, w = moe.route(p, x, jnp.zeros(6, jnp.int32), C)
+    few = [moe.routed_experts(p.experts, x[i:i + 1], ids[i:i + 1], w[i:i + 1], C, jnp.float32) for i in range(6)]
+    many = moe.routed_experts(p.experts, x, ids, w, C, jnp.float32)
+    np.testing.assert_allclose(np.concatenate(few), np.asarray(many), rtol=1e-5, atol=1e-5)
