@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from . import quant
 from .config import Config
 from .norm import rms_norm
+from .cache import CompressorState
 from .params import Compressor
 from .rope import apply_rope, rope_frequencies
 
@@ -21,8 +22,8 @@ def project(p: Compressor, x: jax.Array, positions: jax.Array) -> tuple[jax.Arra
     """§6.2: ``A = x @ wkv^T`` and ``S = x @ wgate^T + ape[p mod m]``, fp32. ``x [B, T, D]`` -> ``[B, T, c*d_c]``."""
     m = p.ape.shape[0]
     xf = x.astype(jnp.float32)
-    a = quant.matmul("btd,wd->btw", xf, p.wkv.astype(jnp.float32))
-    s = quant.matmul("btd,wd->btw", xf, p.wgate.astype(jnp.float32)) + p.ape[positions % m]
+    a = quant.dense(xf, p.wkv.astype(jnp.float32))
+    s = quant.dense(xf, p.wgate.astype(jnp.float32)) + p.ape[positions % m]
     return a, s
 
 
@@ -65,16 +66,49 @@ def kv_fp8_sim(kv: jax.Array, config: Config) -> jax.Array:
     return jnp.concatenate([quant.fp8_sim(kv[..., :nope], 64), kv[..., nope:]], axis=-1)
 
 
-def compress_sequence(p: Compressor, x: jax.Array, ratio: int, config: Config, dtype, *, kind: str,
-                      qat: bool = True) -> jax.Array:
-    """All complete blocks of a sequence that starts at position 0: ``x [B, T, D]`` -> ``[B, T // m, d_c]``."""
+def compress_step(p: Compressor, state: CompressorState, rows: jax.Array, x: jax.Array, pos0: jax.Array,
+                  n: jax.Array, ratio: int, config: Config, dtype, *, kind: str, qat: bool = True):
+    """§10.2 for any chunk: feed tokens ``x [B, T, D]`` at positions ``pos0 + t`` (only the first ``n[b]`` of
+    each sequence are real) through the compressor; write every block they complete into ``rows [B, R, d_c]``
+    (slot = block index) and return ``(rows, state)``.
+
+    The open block's pending tokens and the chunk are laid out as one block-aligned sequence per batch row,
+    so prefill from scratch, chunked prefill and single-token decode are the same computation."""
+    m = ratio
     b, t, _ = x.shape
-    n = t // ratio
-    if n == 0:
-        return jnp.zeros((b, 0, p.norm.shape[0]), dtype)
-    positions = jnp.arange(n * ratio)
-    a, s = project(p, x[:, : n * ratio], positions)
-    a = a.reshape(b, n, ratio, -1)
-    s = s.reshape(b, n, ratio, -1)
-    rows = pool(a, s, overlap=ratio == 4)
-    return finish(p, rows, jnp.arange(n)[None], ratio, config, dtype, kind=kind, qat=qat)
+    positions = pos0[:, None] + jnp.arange(t)
+    a_new, s_new = project(p, x, positions)
+    r = pos0 % m  # tokens already pending in the open block
+    nb = -(-(m + t) // m)
+    j = jnp.arange(nb * m)
+    from_pend = j[None, :] < r[:, None]
+    src = jnp.clip(j[None, :] - r[:, None], 0, t - 1)
+
+    def lay_out(pend, new):
+        old = pend[:, jnp.clip(j, 0, m - 1)]
+        fresh = jnp.take_along_axis(new, src[..., None], axis=1)
+        return jnp.where(from_pend[..., None], old, fresh).reshape(b, nb, m, -1)
+
+    seq_a, seq_s = lay_out(state.pend_a, a_new), lay_out(state.pend_s, s_new)
+    overlap = m == 4
+    pooled = pool(seq_a, seq_s, overlap, state.prev_a, state.prev_s)
+    blk0 = pos0 // m
+    block_idx = blk0[:, None] + jnp.arange(nb)
+    new_rows = finish(p, pooled, block_idx, m, config, dtype, kind=kind, qat=qat)
+    done = (r + n) // m  # blocks completed by this chunk
+    complete = jnp.arange(nb)[None, :] < done[:, None]
+    slot = jnp.where(complete, block_idx, rows.shape[1])  # out of range -> dropped
+    rows = rows.at[jnp.arange(b)[:, None], slot].set(new_rows.astype(rows.dtype), mode="drop")
+    last = jnp.clip(done, 0, nb - 1)
+    pend_a = jnp.take_along_axis(seq_a, last[:, None, None, None], axis=1)[:, 0]
+    pend_s = jnp.take_along_axis(seq_s, last[:, None, None, None], axis=1)[:, 0]
+    state_new = CompressorState(pend_a, pend_s)
+    if overlap:
+        dc = seq_a.shape[-1] // 2
+        prev = jnp.clip(done - 1, 0, nb - 1)[:, None, None, None]
+        moved = (done > 0)[:, None, None]
+        state_new = CompressorState(
+            pend_a, pend_s,
+            jnp.where(moved, jnp.take_along_axis(seq_a, prev, axis=1)[:, 0, :, :dc], state.prev_a),
+            jnp.where(moved, jnp.take_along_axis(seq_s, prev, axis=1)[:, 0, :, :dc], state.prev_s))
+    return rows, state_new

@@ -9,16 +9,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from . import quant
 from .config import Config
-
-_HI = jax.lax.Precision.HIGHEST
 
 
 def _mixes(h: jax.Array, fn: jax.Array, eps: float) -> jax.Array:
     """§4.2 steps 1-3: ``mu = (flatten(h) @ fn^T) * rho`` with ``rho`` the unweighted RMS of all n*D values."""
     x = h.reshape(*h.shape[:-2], -1).astype(jnp.float32)
     rho = jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
-    return jnp.einsum("...k,mk->...m", x, fn.astype(jnp.float32), precision=_HI) * rho
+    return quant.dense(x, fn.astype(jnp.float32)) * rho
 
 
 def sinkhorn(m0: jax.Array, iters: int, eps: float) -> jax.Array:
@@ -33,30 +32,46 @@ def sinkhorn(m0: jax.Array, iters: int, eps: float) -> jax.Array:
     return jax.lax.fori_loop(0, iters - 1, round_, m)
 
 
+def _per_token(f, mu: jax.Array):
+    """Apply ``f`` to ``mu [..., k]`` flattened to rows padded to a multiple of 16.
+
+    The mixing coefficients are tiny per token, so XLA vectorises their math across tokens, and a partial
+    last vector takes a scalar code path that rounds transcendental functions differently. Whole vectors
+    only make a token's coefficients independent of how many tokens share the call (decode = prefill)."""
+    lead = mu.shape[:-1]
+    rows = mu.reshape(-1, mu.shape[-1])
+    m = rows.shape[0]
+    rows = jnp.pad(rows, ((0, -m % 16), (0, 0)))
+    return jax.tree.map(lambda a: a[:m].reshape(*lead, *a.shape[1:]), f(rows))
+
+
 def hc_pre(h: jax.Array, fn: jax.Array, scale: jax.Array, base: jax.Array, config: Config):
     """Collapse the streams for a sub-layer.
 
     ``h [B, T, n, D]`` -> ``x [B, T, D]`` (h's dtype), ``post [B, T, n]`` and ``comb [B, T, n, n]`` (fp32;
     ``comb[j, k]``: source stream j to destination stream k)."""
     n = config.hc_mult
-    mu = _mixes(h, fn, config.rms_norm_eps)
     scale, base = scale.astype(jnp.float32), base.astype(jnp.float32)
-    pre = jax.nn.sigmoid(mu[..., :n] * scale[0] + base[:n]) + config.hc_eps
-    post = 2 * jax.nn.sigmoid(mu[..., n : 2 * n] * scale[1] + base[n : 2 * n])
-    m0 = (mu[..., 2 * n :] * scale[2] + base[2 * n :]).reshape(*mu.shape[:-1], n, n)
-    comb = sinkhorn(m0, config.hc_sinkhorn_iters, config.hc_eps)
-    x = jnp.einsum("...j,...jd->...d", pre, h.astype(jnp.float32), precision=_HI)
+
+    def coefficients(mu):
+        pre = jax.nn.sigmoid(mu[:, :n] * scale[0] + base[:n]) + config.hc_eps
+        post = 2 * jax.nn.sigmoid(mu[:, n : 2 * n] * scale[1] + base[n : 2 * n])
+        m0 = (mu[:, 2 * n :] * scale[2] + base[2 * n :]).reshape(-1, n, n)
+        return pre, post, sinkhorn(m0, config.hc_sinkhorn_iters, config.hc_eps)
+
+    pre, post, comb = _per_token(coefficients, _mixes(h, fn, config.rms_norm_eps))
+    x = jnp.sum(pre[..., None] * h.astype(jnp.float32), axis=-2)
     return x.astype(h.dtype), post, comb
 
 
 def hc_post(y: jax.Array, h: jax.Array, post: jax.Array, comb: jax.Array) -> jax.Array:
     """§4.3: ``h'[k] = post_k * y + sum_j comb[j, k] * h[j]`` (fp32, stored in h's dtype)."""
-    mixed = jnp.einsum("...jk,...jd->...kd", comb, h.astype(jnp.float32), precision=_HI)
+    mixed = jnp.sum(comb[..., None] * h.astype(jnp.float32)[..., :, None, :], axis=-3)
     return (post[..., None] * y.astype(jnp.float32)[..., None, :] + mixed).astype(h.dtype)
 
 
 def hc_head(h: jax.Array, fn: jax.Array, scale: jax.Array, base: jax.Array, config: Config) -> jax.Array:
     """§9.1: the final collapse, ``y = sum_j (sigmoid(scale * mu_j + base_j) + eps) h[j]``."""
-    mu = _mixes(h, fn, config.rms_norm_eps)
-    pre = jax.nn.sigmoid(mu * scale.astype(jnp.float32)[0] + base.astype(jnp.float32)) + config.hc_eps
-    return jnp.einsum("...j,...jd->...d", pre, h.astype(jnp.float32), precision=_HI).astype(h.dtype)
+    pre = _per_token(lambda mu: jax.nn.sigmoid(mu * scale.astype(jnp.float32)[0] + base.astype(jnp.float32))
+                     + config.hc_eps, _mixes(h, fn, config.rms_norm_eps))
+    return jnp.sum(pre[..., None] * h.astype(jnp.float32), axis=-2).astype(h.dtype)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from . import quant
+from . import kernels, quant
 from .config import Config
 from .params import Indexer
 from .rope import apply_rope, rope_frequencies
@@ -16,11 +16,11 @@ def index_queries(p: Indexer, qr: jax.Array, x: jax.Array, positions: jax.Array,
     """§7.2: queries ``[B, T, H_I, d_I]`` (RoPE, then Hadamard + FP4_SIM) and head weights ``[B, T, H_I]`` (fp32,
     scaled by ``d_I^-1/2 * H_I^-1/2``)."""
     b, t, _ = qr.shape
-    q = quant.linear(qr, p.wq_b, dtype).reshape(b, t, config.index_n_heads, config.index_head_dim)
+    q = kernels.linear(qr, p.wq_b, dtype).reshape(b, t, config.index_n_heads, config.index_head_dim)
     q = apply_rope(q, positions, rope_frequencies(config, compressed=True))
     if qat:
         q = quant.fp4_sim(quant.hadamard(q), 32)
-    w = quant.linear(x, p.weights_proj, dtype, jnp.float32)
+    w = kernels.linear(x, p.weights_proj, dtype, jnp.float32)
     return q, w * (config.index_head_dim**-0.5 * config.index_n_heads**-0.5)
 
 
@@ -29,8 +29,7 @@ def index_scores(q: jax.Array, w: jax.Array, keys: jax.Array, dtype) -> jax.Arra
 
     The reference computes in bf16 (§7.4); scores are rounded to the compute dtype."""
     s = jax.nn.relu(quant.matmul("bthd,bnd->bthn", q, keys.astype(q.dtype)))
-    return jnp.einsum("bthn,bth->btn", s, w, precision=jax.lax.Precision.HIGHEST).astype(dtype).astype(
-        jnp.float32)
+    return jnp.sum(s * w[..., None], axis=2).astype(dtype).astype(jnp.float32)
 
 
 def select(scores: jax.Array, positions: jax.Array, ratio: int, top_k: int) -> jax.Array:

@@ -13,8 +13,9 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from . import quant
+from . import kernels, quant
 from .attention import attention
+from .cache import Cache, LayerCache, init_cache
 from .config import Config
 from .hc import hc_head, hc_post, hc_pre
 from .moe import moe
@@ -63,18 +64,20 @@ def random_model(config: Config, seed: int = 0, *, dtype: DType = "bfloat16", **
     return Model(config=config, params=init_params(config, jax.random.key(seed), **init_kwargs), dtype=dtype)
 
 
-def block(p: Block, h: jax.Array, tokens: jax.Array, positions: jax.Array, layer: int, model: Model) -> jax.Array:
-    """§3 ``Block_l``: streams ``h [B, T, n, D]`` -> ``[B, T, n, D]``."""
+def block(p: Block, h: jax.Array, tokens: jax.Array, cache: LayerCache, pos0: jax.Array, n: jax.Array, layer: int,
+          model: Model) -> tuple[jax.Array, LayerCache]:
+    """§3 ``Block_l``: streams ``h [B, T, n, D]`` of tokens at positions ``pos0[b] + t`` (``n[b]`` real ones)
+    continuing ``cache`` -> ``([B, T, n, D], new LayerCache)``."""
     c, dt = model.config, model.dtype
     x, post, comb = hc_pre(h, p.hc_attn_fn, p.hc_attn_scale, p.hc_attn_base, c)
     x = rms_norm(x, p.attn_norm, c.rms_norm_eps)
-    a = attention(p.attn, x, positions, layer, c, dt, kv_qat=model.numerics.kv_fp8,
-                  indexer_qat=model.numerics.indexer_fp4)
+    a, cache = attention(p.attn, x, cache, pos0, n, layer, c, dt, kv_qat=model.numerics.kv_fp8,
+                         indexer_qat=model.numerics.indexer_fp4)
     h = hc_post(a, h, post, comb)
     x, post, comb = hc_pre(h, p.hc_ffn_fn, p.hc_ffn_scale, p.hc_ffn_base, c)
     x = rms_norm(x, p.ffn_norm, c.rms_norm_eps)
     f = moe(p.ffn, x, tokens, c, dt)
-    return hc_post(f, h, post, comb)
+    return hc_post(f, h, post, comb), cache
 
 
 def _check_tokens(model: Model, tokens) -> jax.Array:
@@ -99,19 +102,30 @@ def _head(model: Model, h: jax.Array, fn, scale, base, norm) -> jax.Array:
     """§9.1: HCHead, final RMSNorm, fp32 LM head."""
     c = model.config
     y = rms_norm(hc_head(h, fn, scale, base, c), norm, c.rms_norm_eps)
-    return quant.matmul("btd,vd->btv", y.astype(jnp.float32), model.params.head.astype(jnp.float32))
+    return quant.dense(y.astype(jnp.float32), model.params.head.astype(jnp.float32))
+
+
+def run_blocks(model: Model, tokens: jax.Array, cache: Cache, n: jax.Array) -> tuple[list[jax.Array], Cache]:
+    """Embedding and all main blocks for ``tokens [B, T]`` continuing ``cache`` (``n[b]`` real tokens per row):
+    the streams after the embedding and after each block, and the advanced cache."""
+    h = _embed(model, tokens)
+    out, layers = [h], []
+    for layer, (p, lc) in enumerate(zip(model.params.layers, cache.layers)):
+        h, lc = block(p, h, tokens, lc, cache.pos, n, layer, model)
+        out.append(h)
+        layers.append(lc)
+    return out, Cache(pos=cache.pos + n.astype(jnp.int32), layers=tuple(layers), max_len=cache.max_len)
+
+
+def _whole(model: Model, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A whole sequence from position 0: one chunk into an empty cache of its own length."""
+    b, t = tokens.shape
+    return init_cache(model.config, b, t, model.dtype), jnp.full((b,), t, jnp.int32)
 
 
 @jax.jit
 def _streams(model: Model, tokens: jax.Array) -> list[jax.Array]:
-    b, t = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    h = _embed(model, tokens)
-    out = [h]
-    for layer, p in enumerate(model.params.layers):
-        h = block(p, h, tokens, positions, layer, model)
-        out.append(h)
-    return out
+    return run_blocks(model, tokens, *_whole(model, tokens))[0]
 
 
 @jax.jit
@@ -137,14 +151,15 @@ def _forward_mtp(model: Model, tokens: jax.Array) -> jax.Array:
     h = _streams(model, tokens)[-1][:, :-1]  # h_i, i = 0..T-2
     nxt = tokens[:, 1:]  # tok_{i+1}
     b, t = nxt.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    pos0, n = jnp.zeros((b,), jnp.int32), jnp.full((b,), t, jnp.int32)
+    window = LayerCache(window=jnp.zeros((b, c.sliding_window, c.head_dim), model.dtype))
     logits = []
     for j, m in enumerate(p.mtp):
         e = rms_norm(p.embed[nxt].astype(model.dtype), m.enorm, c.rms_norm_eps)
         hh = rms_norm(h, m.hnorm, c.rms_norm_eps)
-        x = (quant.linear(e, m.e_proj, model.dtype, jnp.float32)[:, :, None, :]
-             + quant.linear(hh, m.h_proj, model.dtype, jnp.float32)).astype(model.dtype)
-        x = block(m.block, x, nxt, positions, c.num_hidden_layers + j, model)
+        x = (kernels.linear(e, m.e_proj, model.dtype, jnp.float32)[:, :, None, :]
+             + kernels.linear(hh, m.h_proj, model.dtype, jnp.float32)).astype(model.dtype)
+        x, _ = block(m.block, x, nxt, window, pos0, n, c.num_hidden_layers + j, model)
         logits.append(_head(model, x, m.hc_head_fn, m.hc_head_scale, m.hc_head_base, m.norm))
         h = x
     return jnp.stack(logits)

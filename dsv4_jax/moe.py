@@ -16,7 +16,7 @@ def route(p: MoE, x: jax.Array, tokens: jax.Array, config: Config) -> tuple[jax.
 
     Score-routed layers pick the top-k of ``scores + bias`` (ties to the lower expert id); hash layers take
     ``tid2eid[token]``. Weights are the selected unbiased scores, renormalised, times the routed scale."""
-    z = quant.matmul("...d,ed->...e", x.astype(jnp.float32), p.gate.astype(jnp.float32))
+    z = quant.dense(x.astype(jnp.float32), p.gate.astype(jnp.float32))
     scores = jnp.sqrt(jax.nn.softplus(z))
     if p.tid2eid is not None:
         ids = p.tid2eid[tokens]
@@ -29,9 +29,11 @@ def route(p: MoE, x: jax.Array, tokens: jax.Array, config: Config) -> tuple[jax.
 
 def swiglu(e: Experts, x: jax.Array, config: Config, dtype) -> jax.Array:
     """§8.2: ``SiLU(min(x w1^T, L)) * clamp(x w3^T, -L, L)``, fp32 ``[..., I]``."""
+    from . import kernels  # kernels dispatches back to this module's reference
+
     lim = config.swiglu_limit
-    a = jnp.minimum(quant.linear(x, e.w1, dtype, jnp.float32), lim)
-    u = jnp.clip(quant.linear(x, e.w3, dtype, jnp.float32), -lim, lim)
+    a = jnp.minimum(kernels.linear(x, e.w1, dtype, jnp.float32), lim)
+    u = jnp.clip(kernels.linear(x, e.w3, dtype, jnp.float32), -lim, lim)
     return jax.nn.silu(a) * u
 
 
@@ -40,7 +42,9 @@ def expert_ffn(e: Experts, x: jax.Array, weight: jax.Array | None, config: Confi
     h = swiglu(e, x, config, dtype)
     if weight is not None:
         h = h * weight[..., None]
-    return quant.linear(h.astype(dtype), e.w2, dtype, jnp.float32)
+    from . import kernels
+
+    return kernels.linear(h.astype(dtype), e.w2, dtype, jnp.float32)
 
 
 def _slice(e: Experts, i) -> Experts:
@@ -50,16 +54,10 @@ def _slice(e: Experts, i) -> Experts:
 def routed_experts(e: Experts, x: jax.Array, ids: jax.Array, w: jax.Array, config: Config, dtype) -> jax.Array:
     """Sum over the selected experts of ``w * expert(x)``, fp32. ``x [N, D]``, ``ids, w [N, k]``.
 
-    Reference evaluation: with few (token, expert) pairs each pair gathers and dequantises its expert;
-    otherwise the experts are visited one at a time (only those that received tokens are computed), so at
-    most one expert is ever dequantised."""
-    n, k = ids.shape
-    if n * k <= config.n_routed_experts:
-        flat_ids = ids.reshape(-1)
-        xs = jnp.repeat(x, k, axis=0)
-        ys = jax.vmap(lambda i, xi, wi: expert_ffn(_slice(e, i), xi, wi, config, dtype))(
-            flat_ids, xs, w.reshape(-1))
-        return ys.reshape(n, k, -1).sum(axis=1)
+    Reference evaluation: the experts are visited one at a time in id order and only those that received
+    tokens are computed, so at most one expert is ever dequantised and a token's result does not depend on
+    which other tokens share its batch."""
+    n = x.shape[0]
 
     def body(acc, i):
         wi = jnp.sum(jnp.where(ids == i, w, 0.0), axis=-1)  # [N]
@@ -77,7 +75,9 @@ def moe(p: MoE, x: jax.Array, tokens: jax.Array, config: Config, dtype) -> jax.A
     ``x [B, T, D]``, ``tokens [B, T]`` (hash routing) -> ``[B, T, D]`` in the compute dtype."""
     b, t, d = x.shape
     ids, w = route(p, x, tokens, config)
-    routed = routed_experts(p.experts, x.reshape(b * t, d), ids.reshape(b * t, -1), w.reshape(b * t, -1),
-                            config, dtype)
+    from . import kernels
+
+    routed = kernels.routed_experts(p.experts, x.reshape(b * t, d), ids.reshape(b * t, -1), w.reshape(b * t, -1),
+                                    config, dtype)
     shared = expert_ffn(p.shared, x, None, config, dtype)
     return (routed.reshape(b, t, d) + shared).astype(dtype)

@@ -21,6 +21,7 @@ from typing import Union
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 FP8_BLOCK = 128
@@ -165,12 +166,51 @@ def global_scale(w: Weight) -> jax.Array | None:
     return w.weight_scale_2 if isinstance(w, Nvfp4) else None
 
 
+REDUCE_MATMUL_LIMIT = 1 << 26
+"""Largest fp32 product (multiplications) that ``matmul`` evaluates as a reduction on the CPU."""
+
+
 def matmul(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
-    """``einsum`` with fp32 accumulation and result; fp32 operands are multiplied at full precision (no
-    TF32 on GPU), so the float32 compute mode is exact fp32 arithmetic."""
-    hi = a.dtype == jnp.float32 and b.dtype == jnp.float32
-    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32,
-                      precision=jax.lax.Precision.HIGHEST if hi else None)
+    """Two-operand ``einsum`` with fp32 accumulation and an fp32 result; fp32 operands at full precision.
+
+    On the CPU, moderate fp32 products are multiplied elementwise and summed by a reduction instead of a dot:
+    each output element is then reduced in an order that does not depend on the other rows of the batch.
+    XLA:CPU's dot kernels change with the operand shapes (a single row takes another kernel than a batch), which
+    would make a decode step round differently from the same token inside a prompt, and the model's FP8/FP4
+    simulations turn such last-bit differences into visible ones. Large products (e.g. a big LM head) and all
+    GPU products use dots (``Precision.HIGHEST``: no TF32)."""
+    if a.dtype == jnp.float32 and b.dtype == jnp.float32:
+        if jax.default_backend() == "cpu" and _product_size(spec, a, b) <= REDUCE_MATMUL_LIMIT:
+            return _reduce_einsum(spec, a, b)
+        return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def _product_size(spec: str, a: jax.Array, b: jax.Array) -> int:
+    la, lb = spec.replace(" ", "").split("->")[0].split(",")
+    sizes = dict(zip(la, a.shape)) | dict(zip(lb, b.shape))
+    return int(np.prod([sizes[c] for c in sizes]))
+
+
+def _reduce_einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    ins, out = spec.replace(" ", "").split("->")
+    la, lb = ins.split(",")
+    if "..." in la or "..." in lb:
+        raise ValueError(f"matmul: use explicit axis labels, got {spec!r}")
+    labels = list(dict.fromkeys(out + la + lb))  # output axes first, then contracted ones
+
+    def expand(x, lx):
+        x = jnp.transpose(x, [lx.index(c) for c in labels if c in lx])
+        return x.reshape([x.shape[[c for c in labels if c in lx].index(c)] if c in lx else 1 for c in labels])
+
+    prod = expand(a, la) * expand(b, lb)
+    return jnp.sum(prod, axis=tuple(range(len(out), len(labels))))
+
+
+def dense(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x [..., K] @ w[N, K]^T`` -> fp32 ``[..., N]`` (see ``matmul``)."""
+    lead = x.shape[:-1]
+    return matmul("mk,nk->mn", x.reshape(-1, x.shape[-1]), w).reshape(*lead, w.shape[0])
 
 
 def linear(x: jax.Array, w: Weight, dtype, out_dtype=None) -> jax.Array:
@@ -178,7 +218,7 @@ def linear(x: jax.Array, w: Weight, dtype, out_dtype=None) -> jax.Array:
 
     The result is cast to ``out_dtype`` (default: ``dtype``)."""
     out_dtype = dtype if out_dtype is None else out_dtype
-    y = matmul("...i,oi->...o", x.astype(dtype), dequantize(w, dtype))
+    y = dense(x.astype(dtype), dequantize(w, dtype))
     g = global_scale(w)
     if g is not None and jnp.dtype(dtype) != jnp.float32:
         y = y * g
@@ -289,26 +329,60 @@ def quantize_fp8_block(w: jax.Array) -> Fp8Block:
     return Fp8Block(weight=q, scale=_e8m0_from_pow2(s))
 
 
-def quantize_nvfp4(w: jax.Array, weight_scale_2: jax.Array | None = None, input_scale=None) -> Nvfp4:
-    """ModelOpt's NVFP4 weight quantiser (CHECKPOINT.md §4.2) on ``w [..., out, in]`` (fp32 math):
+def quantize_nvfp4(w, weight_scale_2=None, input_scale=None) -> Nvfp4:
+    """ModelOpt's NVFP4 weight quantiser (``NVFP4QTensor.quantize``, CHECKPOINT.md §4.2), bit for bit, on
+    ``w [..., out, in]`` with one global scale per ``[out, in]`` matrix:
 
-    ``weight_scale_2 = amax(w) / (6 * 448)`` per matrix (pass it to share one between w1 and w3);
-    per block of 16, ``weight_scale = e4m3(amax_block / (6 * weight_scale_2))``; codes are E2M1
-    round-to-nearest-even of ``w / (weight_scale * weight_scale_2)`` (0 where that scale is 0)."""
-    w = w.astype(jnp.float32)
-    if weight_scale_2 is None:
-        weight_scale_2 = jnp.max(jnp.abs(w), axis=(-2, -1)) / (E2M1_MAX * E4M3_MAX)
-    weight_scale_2 = jnp.asarray(weight_scale_2, jnp.float32)
-    g = weight_scale_2[..., None, None]
-    wb = _blocks(w, NVFP4_BLOCK)
-    amax = jnp.max(jnp.abs(wb), axis=-1)
-    bs = (amax / (E2M1_MAX * jnp.where(g == 0, 1.0, g))).astype(jnp.float8_e4m3fn)
-    total = bs.astype(jnp.float32)[..., None] * g[..., None]
-    q = jnp.where(total == 0, 0.0, wb / jnp.where(total == 0, 1.0, total))
-    codes = e2m1_codes(q).reshape(w.shape)
+    * ``weight_scale_2 = amax(w) / (6 * 448)`` -> ``[...]``; pass it to share one between w1 and w3 (from
+      their joint amax, as ModelOpt's fused calibration does, see :func:`nvfp4_global_scale`);
+    * per block of 16 inputs ``s = amax_block / (6 * weight_scale_2)``; ``s = 1`` where it is 0; clamped to
+      ``[2^-9, 448]`` and rounded to e4m3 -> ``weight_scale [..., out, in/16]``;
+    * codes: E2M1 round-to-nearest-even of ``w / (weight_scale * weight_scale_2)``, saturating at 6, sign bit
+      ``w < 0``, packed low nibble first -> ``weight [..., out, in/2]``.
+
+    The arithmetic runs on the host in numpy fp32: XLA's CPU backend flushes fp32 subnormals to zero while
+    ModelOpt's torch arithmetic keeps them, which changes the block scale of blocks far below the matrix
+    maximum. Not traceable under ``jit``. One deliberate departure: an all-zero matrix gets
+    ``weight_scale_2 = 1`` instead of ModelOpt's 0 (whose NaN block scales and code 7 everywhere no loader
+    accepts), so it encodes as exact zeros. ``input_scale`` (activation amax / 2688, from calibration)
+    defaults to 1."""
+    w = np.asarray(w, np.float32)
+    g = nvfp4_global_scale(w) if weight_scale_2 is None else np.asarray(weight_scale_2, np.float32)
+    g = np.broadcast_to(g, w.shape[:-2]).astype(np.float32)
+    gb = g[..., None, None]
+    wb = np.asarray(_blocks(w, NVFP4_BLOCK))  # [..., out, in/16, 16]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        s = np.max(np.abs(wb), axis=-1) / (np.float32(E2M1_MAX) * gb)
+        s[s == 0] = 1.0
+        bs = np.clip(s, np.float32(2.0**-9), np.float32(E4M3_MAX)).astype(ml_dtypes.float8_e4m3fn)
+        q = wb / (bs.astype(np.float32) * gb)[..., None]
+    codes = _e2m1_codes_np(q.reshape(w.shape))
+    packed = (codes[..., 1::2] << 4) | codes[..., 0::2]
     if input_scale is None:
-        input_scale = jnp.ones(weight_scale_2.shape, jnp.float32)
-    return Nvfp4(pack_nibbles(codes), bs, weight_scale_2, jnp.asarray(input_scale, jnp.float32))
+        input_scale = np.ones(g.shape, np.float32)
+    input_scale = np.broadcast_to(np.asarray(input_scale, np.float32), g.shape)
+    return Nvfp4(jnp.asarray(packed), jnp.asarray(bs), jnp.asarray(g), jnp.asarray(input_scale))
+
+
+def nvfp4_global_scale(*ws) -> np.ndarray:
+    """``weight_scale_2 = amax / (6 * 448)`` per ``[out, in]`` matrix, the amax taken jointly over all ``ws``
+    (``[..., out, in]`` each; w1 and w3 of an expert share it, CHECKPOINT.md §5.2); 1 for all-zero
+    matrices."""
+    amax = np.max([np.max(np.abs(np.asarray(w, np.float32)), axis=(-2, -1)) for w in ws], axis=0)
+    with np.errstate(divide="ignore"):
+        return np.where(amax > 0, amax / np.float32(E2M1_MAX * E4M3_MAX), 1.0).astype(np.float32)
+
+
+# ModelOpt's E2M1 rounding (``NVFP4QTensor._cast_fp4``): bucket |x| by these bounds (left-closed search), then
+# step up at the odd bounds 0.75, 1.75, 3.5 so that exact ties go to the even code; NaN lands on 6.
+_E2M1_BOUNDS = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], np.float32)
+
+
+def _e2m1_codes_np(x: np.ndarray) -> np.ndarray:
+    a = np.abs(x)
+    code = np.searchsorted(_E2M1_BOUNDS, a, side="left").astype(np.uint8)
+    code += ((a == 0.75) | (a == 1.75) | (a == 3.5)).astype(np.uint8)
+    return code | ((x < 0).astype(np.uint8) << 3)
 
 
 def quantize_mxfp4(w: jax.Array) -> Mxfp4:

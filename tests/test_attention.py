@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 import dsv4_jax as d
 from dsv4_jax import attention, compressor, indexer
+from dsv4_jax.cache import init_cache
 import spec_reference as ref
 
 C = d.tiny(hca_ratio=16, sliding_window=8, index_topk=5)
@@ -17,6 +18,21 @@ T = 45  # 11 CSA rows (6 beyond the top-5), 2 HCA rows, a trailing partial block
 
 def _x(seed, t=T):
     return np.random.default_rng(seed).standard_normal((1, t, C.hidden_size)).astype(np.float32)
+
+
+def _empty(layer):
+    return init_cache(C, 1, T, jnp.float32).layers[layer]
+
+
+def _rows(layer, kind, x):
+    """All rows of a whole sequence, through the compressor's state machine from an empty state."""
+    p, lc = MODEL.params.layers[layer].attn, _empty(layer)
+    cp, state, rows = ((p.compressor, lc.compressor, lc.rows) if kind == "main"
+                       else (p.indexer.compressor, lc.index_compressor, lc.index_rows))
+    m = C.compress_ratios[layer]
+    rows, _ = compressor.compress_step(cp, state, rows, jnp.asarray(x), jnp.zeros(1, jnp.int32),
+                                       jnp.full(1, x.shape[1], jnp.int32), m, C, jnp.float32, kind=kind)
+    return rows[:, : x.shape[1] // m]
 
 
 def _rel(a, b):
@@ -29,7 +45,7 @@ def test_compressor_matches_the_state_machine(layer, kind):
     cp = p.compressor if kind == "main" else p.indexer.compressor
     x = _x(1)
     m = C.compress_ratios[layer]
-    got = compressor.compress_sequence(cp, jnp.asarray(x), m, C, jnp.float32, kind=kind)
+    got = _rows(layer, kind, x)
     want = ref.compressor_rows(cp, x[0].astype(np.float64), m, C, kind)
     assert got.shape == (1, T // m, want.shape[-1])
     # FP8/FP4 rounding can flip a value at a rounding boundary; all but a handful must agree closely.
@@ -43,7 +59,7 @@ def test_indexer_selects_the_reference_rows():
     xj = jnp.asarray(x)
     pos = jnp.arange(T)[None]
     qr = np.asarray(attention.queries(p, xj, pos, ref.freqs(C, True).astype(np.float32), C, jnp.float32)[0])
-    keys = compressor.compress_sequence(p.indexer.compressor, xj, 4, C, jnp.float32, kind="indexer")
+    keys = _rows(2, "indexer", x)
     q, w = indexer.index_queries(p.indexer, jnp.asarray(qr), xj, pos, C, jnp.float32)
     got_scores = np.asarray(indexer.index_scores(q, w, keys, jnp.float32))[0]
     want_scores = ref.index_scores(p.indexer, qr[0].astype(np.float64), x[0].astype(np.float64),
@@ -63,7 +79,9 @@ def test_attention_layer_matches_the_spec(layer):
     boundary flips (rare, isolated positions, ARCHITECTURE.md §14)."""
     p = MODEL.params.layers[layer].attn
     x = _x(3 + layer)
-    got = np.asarray(attention.attention(p, jnp.asarray(x), jnp.arange(T)[None], layer, C, jnp.float32))[0]
+    got, _ = attention.attention(p, jnp.asarray(x), _empty(layer), jnp.zeros(1, jnp.int32), jnp.full(1, T, jnp.int32),
+                                 layer, C, jnp.float32)
+    got = np.asarray(got)[0]
     want = ref.attention_layer(p, x[0].astype(np.float64), layer, C)
     per_pos = np.abs(got - want).max(-1) / np.abs(want).max()
     assert np.median(per_pos) < 1e-5

@@ -1,0 +1,122 @@
+"""The ``dsv4-jax`` command (also ``python -m dsv4_jax``).
+
+``dsv4-jax sample`` streams a completion from a checkpoint directory, by default from an embedded tiny random
+model that is generated on first use and cached (so it works on a fresh machine, offline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+TINY_SEED = 0
+
+
+def tiny_checkpoint_dir() -> Path:
+    """Where the embedded tiny model is cached: ``$DSV4_JAX_CACHE`` or ``~/.cache/dsv4_jax``."""
+    root = os.environ.get("DSV4_JAX_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dsv4_jax")
+    return Path(root) / f"tiny-random-v1-seed{TINY_SEED}"
+
+
+def ensure_tiny_checkpoint() -> Path:
+    """The embedded tiny default: a random model with Flash's structure and the real vocabulary, written once in
+    the NVIDIA NVFP4 layout (Format Q) and reused afterwards."""
+    from . import random_model, save_checkpoint, tiny
+
+    path = tiny_checkpoint_dir()
+    if (path / "config.json").exists():
+        return path
+    print(f"generating the embedded tiny random model in {path} (once) ...", file=sys.stderr)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(random_model(tiny(vocab_size=129280), TINY_SEED), path, format="modelopt-nvfp4")
+    return path
+
+
+def _sample(args) -> int:
+    from . import SamplingParams, encode_chat, load_model, load_tokenizer
+    from .tokenizer import Detokenizer
+    from .generation import generate_stream
+
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, stop_strings=tuple(args.stop or ()),
+                            ignore_eos=args.ignore_eos)
+    params.validate()
+    if args.checkpoint is None:
+        path, tiny = ensure_tiny_checkpoint(), True
+    else:
+        path, tiny = Path(args.checkpoint), False
+        if not path.is_dir():
+            raise ValueError(f"checkpoint directory {path} does not exist")
+    tokenizer = load_tokenizer(path if (path / "tokenizer.json").exists() else None)
+    if args.prompt is not None:
+        text = args.prompt
+    else:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": args.chat})
+        text = encode_chat(messages, thinking=args.thinking)
+    ids = tokenizer.encode(text)
+    model = load_model(path, dtype=args.dtype, progress=not args.quiet)
+    if tiny:
+        print("note: these are the weights of a tiny RANDOM model (the embedded default): the output is noise.\n"
+              "      Pass --checkpoint DIR for real weights.", file=sys.stderr)
+    if not args.quiet:
+        print(f"[{len(ids)} prompt tokens] {text!r}", file=sys.stderr)
+    detok = Detokenizer(tokenizer, skip_special_tokens=True)
+    start = time.perf_counter()
+    first = second = None
+    n = 0
+    for step in generate_stream(model, [ids], params, tokenizer=tokenizer):
+        tok = step[0]
+        if tok is None:
+            break
+        if first is None:
+            first = time.perf_counter()
+        elif second is None:  # the first decode step includes its compilation
+            second = time.perf_counter()
+        n += 1
+        sys.stdout.write(detok.push(tok))
+        sys.stdout.flush()
+    sys.stdout.write(detok.flush() + "\n")
+    end = time.perf_counter()
+    rate = (n - 2) / (end - second) if n > 2 and end > second else float("nan")
+    ttft = (first - start) if first is not None else float("nan")
+    print(f"[prompt {len(ids)} tokens, generated {n} tokens, time to first token {ttft:.2f} s (with compilation), "
+          f"decode {rate:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="dsv4-jax", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("sample", help="stream a completion")
+    s.add_argument("--checkpoint", metavar="DIR", help="checkpoint directory (default: embedded tiny random model)")
+    src = s.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="raw prompt text, sent as is (no chat template)")
+    src.add_argument("--chat", default="Write a haiku about the sea.",
+                     help="a user message, rendered with the DeepSeek-V4 chat encoding (default mode)")
+    s.add_argument("--system", help="system prompt (chat mode)")
+    s.add_argument("--thinking", choices=["none", "high", "max"], default="none", help="reasoning mode (chat)")
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--top-p", type=float, default=0.95)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
+    s.add_argument("--ignore-eos", action="store_true")
+    s.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    s.add_argument("--quiet", action="store_true", help="no progress bar or prompt echo")
+    args = parser.parse_args(argv)
+    try:
+        return _sample(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"dsv4-jax: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

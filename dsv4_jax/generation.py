@@ -1,0 +1,210 @@
+"""Incremental decoding: ``prefill`` and ``decode_step`` over a ``Cache``, sampling, and ``generate``.
+
+One jit-compiled step function serves prefill chunks and decode steps (``T = 1``); the cache is donated to it,
+so a cache passed to ``prefill``'s result or to ``decode_step`` must not be reused afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .cache import Cache, init_cache
+from .model import Model, _head, run_blocks
+from .sampling import SamplingParams, sample
+
+
+@functools.partial(jax.jit, static_argnames=("last_only",), donate_argnames=("cache",))
+def _step(model: Model, cache: Cache, tokens: jax.Array, n: jax.Array, last_only: bool):
+    """Run ``tokens [B, T]`` (``n[b]`` real ones per row) through the model, continuing ``cache``.
+    Returns logits ``[B, T, V]`` (or ``[B, V]`` at each row's last real token) and the new cache."""
+    p = model.params
+    t = tokens.shape[1]
+    streams, new = run_blocks(model, tokens, cache, n)
+    h = streams[-1]
+    if last_only:
+        h = jnp.take_along_axis(h, jnp.clip(n - 1, 0, t - 1)[:, None, None, None], axis=1)
+    logits = _head(model, h, p.hc_head_fn, p.hc_head_scale, p.hc_head_base, p.norm)
+    if last_only:
+        logits = logits[:, 0]
+    return logits, new
+
+
+def _as_tokens(tokens) -> np.ndarray:
+    a = np.asarray(tokens)
+    if a.ndim != 2:
+        raise ValueError(f"tokens must be [batch, time], got shape {a.shape}")
+    if not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"tokens must be integers, got {a.dtype}")
+    return a.astype(np.int32)
+
+
+def prefill(model: Model, tokens, *, max_len: int, lengths=None, chunk: int = 512,
+            last_only: bool = False) -> tuple[jax.Array, Cache]:
+    """Process prompts into a fresh cache of ``max_len`` tokens per sequence.
+
+    ``tokens [B, T]`` holds the prompts left-aligned; ``lengths [B]`` (default ``T``) their lengths, so a batch
+    may mix lengths (positions beyond a row's length are ignored and their logits are 0). Long prompts are
+    processed in chunks of ``chunk`` tokens (one compiled program per chunk shape). Returns float32 logits
+    ``[B, T, V]`` (``[B, V]`` at each prompt's last token with ``last_only``) and the cache."""
+    tokens = _as_tokens(tokens)
+    b, t = tokens.shape
+    lengths = np.full((b,), t, np.int64) if lengths is None else np.asarray(lengths, np.int64).reshape(-1)
+    if lengths.shape != (b,):
+        raise ValueError(f"lengths must have one entry per prompt ({b}), got shape {lengths.shape}")
+    if t == 0 or lengths.min() < 1 or lengths.max() > t:
+        raise ValueError(f"every prompt needs between 1 and {t} tokens, got lengths {lengths.tolist()}")
+    if lengths.max() > max_len:
+        raise ValueError(f"a prompt of {int(lengths.max())} tokens does not fit in a cache of max_len = {max_len}")
+    if tokens.min() < 0 or tokens.max() >= model.config.vocab_size:
+        raise ValueError(f"token ids must be in [0, {model.config.vocab_size}), got [{tokens.min()}, {tokens.max()}]")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    cache = init_cache(model.config, b, max_len, model.dtype)
+    c = min(chunk, t)
+    padded = np.zeros((b, -(-t // c) * c), np.int32)
+    padded[:, :t] = tokens
+    outs, last = [], None
+    for k in range(padded.shape[1] // c):
+        n = np.clip(lengths - k * c, 0, c).astype(np.int32)
+        logits, cache = _step(model, cache, jnp.asarray(padded[:, k * c:(k + 1) * c]), jnp.asarray(n), last_only)
+        if last_only:
+            last = logits if last is None else jnp.where(jnp.asarray(n > 0)[:, None], logits, last)
+        else:
+            outs.append(logits)
+    if last_only:
+        return last, cache
+    logits = jnp.concatenate(outs, axis=1)[:, :t]
+    return jnp.where(jnp.asarray(np.arange(t)[None] < lengths[:, None])[..., None], logits, 0.0), cache
+
+
+DECODE_PAD = 16
+
+
+def decode_step(model: Model, tokens, cache: Cache, *, active=None) -> tuple[jax.Array, Cache]:
+    """Append one token per sequence: ``tokens [B]`` (or ``[B, 1]``) -> logits ``[B, V]`` (or ``[B, 1, V]``)
+    and the advanced cache. Rows where ``active`` (bool ``[B]``) is False do not advance. ``cache`` is
+    consumed (donated)."""
+    a = np.asarray(tokens)
+    squeeze = a.ndim == 1
+    a = _as_tokens(a[:, None] if squeeze else a)
+    if a.shape != (cache.batch, 1):
+        raise ValueError(f"decode_step takes one token per sequence: shape ({cache.batch},) or ({cache.batch}, 1), "
+                         f"got {np.asarray(tokens).shape}")
+    if a.min() < 0 or a.max() >= model.config.vocab_size:
+        raise ValueError(f"token ids must be in [0, {model.config.vocab_size})")
+    n = np.ones((cache.batch,), np.int32) if active is None else np.asarray(active, bool).astype(np.int32)
+    pos = np.asarray(cache.pos)
+    if (pos + n).max() > cache.max_len:
+        raise ValueError(f"the cache is full: position {int(pos.max())} + 1 exceeds max_len = {cache.max_len}")
+    if model.dtype == "float32":
+        # The exactness mode runs a decode step as a chunk of 16 (the extra tokens are ignored): XLA:CPU
+        # compiles single-token programs with other vectorisation, hence other last bits, and the FP8/FP4
+        # simulations would turn those into visible differences from the same token inside a prompt.
+        a = np.repeat(a, DECODE_PAD, axis=1)
+    logits, cache = _step(model, cache, jnp.asarray(a), jnp.asarray(n), True)
+    return (logits if squeeze else logits[:, None]), cache
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generation
+
+
+@dataclasses.dataclass
+class _Stopper:
+    """Per-sequence stop logic: stop token ids (EOS included unless disabled) and stop strings."""
+
+    stop_ids: frozenset[int]
+    stop_strings: tuple[str, ...]
+    decode: object  # callable(list[int]) -> str, needed for stop strings
+
+    def hit(self, generated: list[int]) -> bool:
+        if generated and generated[-1] in self.stop_ids:
+            return True
+        if self.stop_strings:
+            text = self.decode(generated)
+            return any(s in text for s in self.stop_strings)
+        return False
+
+
+def _prepare(model: Model, prompts, params: SamplingParams, tokenizer, max_len):
+    params.validate()
+    if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], (int, np.integer))):
+        raise TypeError("prompts must be a list of prompts (token-id lists or strings)")
+    if not len(prompts):
+        raise ValueError("no prompts given")
+    if any(isinstance(p, str) for p in prompts) or params.stop_strings:
+        if tokenizer is None:
+            from .tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer()
+    ids = [tokenizer.encode(p) if isinstance(p, str) else [int(x) for x in p] for p in prompts]
+    if any(len(p) == 0 for p in ids):
+        raise ValueError("empty prompt")
+    longest = max(len(p) for p in ids)
+    need = longest + params.max_new_tokens
+    max_len = need if max_len is None else max_len
+    if need > max_len:
+        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({params.max_new_tokens}) = {need} exceeds "
+                         f"max_len = {max_len}")
+    if need > model.config.max_position_embeddings:
+        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({params.max_new_tokens}) = {need} exceeds the "
+                         f"model's context of {model.config.max_position_embeddings} tokens")
+    stop_ids = set(params.stop_token_ids)
+    if not params.ignore_eos:
+        stop_ids.add(model.config.eos_token_id)
+    stopper = _Stopper(frozenset(stop_ids), tuple(params.stop_strings),
+                       (lambda t: tokenizer.decode(t)) if tokenizer is not None else None)
+    return ids, max_len, stopper
+
+
+def generate_stream(model: Model, prompts, params: SamplingParams | None = None, *, tokenizer=None,
+                    max_len: int | None = None, **kwargs) -> Iterator[list[int | None]]:
+    """Like ``generate`` but yields, after each decoding step, the new token of every prompt (``None`` for a
+    prompt that has already stopped). Sampling options as in ``SamplingParams`` (or as keyword arguments)."""
+    params = dataclasses.replace(params or SamplingParams(), **kwargs)
+    ids, max_len, stopper = _prepare(model, prompts, params, tokenizer, max_len)
+    b = len(ids)
+    tokens = np.zeros((b, max(len(p) for p in ids)), np.int32)
+    for i, p in enumerate(ids):
+        tokens[i, :len(p)] = p
+    logits, cache = prefill(model, tokens, max_len=max_len, lengths=[len(p) for p in ids], last_only=True)
+    key = jax.random.key(params.seed)
+    done = np.zeros(b, bool)
+    generated: list[list[int]] = [[] for _ in range(b)]
+    for step in range(params.max_new_tokens):
+        key, sub = jax.random.split(key)
+        nxt = np.asarray(sample(logits, sub, params))
+        out: list[int | None] = []
+        for i in range(b):
+            if done[i]:
+                out.append(None)
+                continue
+            generated[i].append(int(nxt[i]))
+            out.append(int(nxt[i]))
+            done[i] = stopper.hit(generated[i])
+        yield out
+        if done.all() or step == params.max_new_tokens - 1:
+            return
+        logits, cache = decode_step(model, np.where(done, 0, nxt), cache, active=~done)
+
+
+def generate(model: Model, prompts: Sequence, params: SamplingParams | None = None, *, tokenizer=None,
+             max_len: int | None = None, **kwargs) -> list[list[int]]:
+    """Sample continuations of ``prompts`` (token-id lists, or strings encoded with ``tokenizer``, by default the
+    official V4 tokenizer). Returns the generated token ids of each prompt, stop token included.
+
+    Options (``SamplingParams`` fields, also accepted as keyword arguments): ``max_new_tokens``,
+    ``temperature`` (0 = greedy), ``top_k``, ``top_p``, ``seed``, ``stop_token_ids``, ``stop_strings``,
+    ``ignore_eos``. The cache holds ``max_len`` tokens (default: longest prompt + max_new_tokens)."""
+    out: list[list[int]] = [[] for _ in prompts]
+    for step in generate_stream(model, prompts, params, tokenizer=tokenizer, max_len=max_len, **kwargs):
+        for i, t in enumerate(step):
+            if t is not None:
+                out[i].append(t)
+    return out

@@ -1,0 +1,139 @@
+"""The one place where the model chooses GPU kernels or pure-JAX references.
+
+* :func:`linear` has the semantics of ``quant.linear``: NVFP4 and FP8-block weights in a bf16 compute dtype go
+  through the Pallas-Triton kernels of ``pallas_kernels`` on GPU; everything else (CPU, fp32 compute,
+  bf16/MXFP4 weights) through ``quant.linear``.
+* :func:`routed_experts` has the semantics of ``moe.routed_experts``: stacked NVFP4 experts in bf16 compute
+  go through the grouped kernels on GPU, otherwise through the reference.
+* :func:`prepare_weights` repacks every NVFP4 leaf of a parameter tree into the kernel layout once at load
+  time (exact and reversible: ``pallas_kernels.unpack_nvfp4``); a checkpoint-layout NVFP4 weight that reaches
+  a kernel is repacked on the fly instead (correct, but one extra pass over the weight per call).
+
+* :func:`index_select` has the semantics of ``indexer.select(indexer.index_scores(...))`` and
+  :func:`window_attention` those of ``attention.attend`` over the window and compressed rows that
+  ``attention.attention`` builds (Pallas-Triton on GPU in bf16: ``pallas_kernels.indexer_topk`` and
+  ``pallas_kernels.compressed_attention``).
+
+``interpret=True`` runs the kernels on any backend with Pallas' interpreter (tests); ``w4a4=True`` selects the
+Blackwell-numerics option (activations quantised to NVFP4 with the checkpoint's ``input_scale``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import compressed_attention as cattn
+from pallas_kernels import indexer_topk
+from pallas_kernels.fp8_matmul import fp8_matmul
+from pallas_kernels.nvfp4_act import w4a4_matmul, w4a4_matmul_reference
+from pallas_kernels.nvfp4_layout import Nvfp4Packed, pack_nvfp4, unpack_nvfp4
+from pallas_kernels.nvfp4_matmul import nvfp4_matmul
+from pallas_kernels.nvfp4_moe import nvfp4_moe
+
+from . import moe, quant
+from .config import Config
+from .params import Experts
+from .quant import Weight
+
+
+ENABLED = True
+"""Set to False (then ``jax.clear_caches()``) to run the pure-JAX references on a GPU too, e.g. to compare."""
+
+
+def on_gpu() -> bool:
+    """Whether the default backend runs the Pallas-Triton kernels natively."""
+    return jax.default_backend() == "gpu"
+
+
+def _use_kernel(dtype, interpret: bool) -> bool:
+    return (interpret or (ENABLED and on_gpu())) and jnp.dtype(dtype) == jnp.bfloat16
+
+
+def attention_kernels(dtype) -> bool:
+    """Whether ``attention.attention`` uses ``index_select`` / ``window_attention``'s kernels (GPU, bf16)."""
+    return _use_kernel(dtype, False)
+
+
+def _as_checkpoint(w: Weight | Nvfp4Packed) -> Weight:
+    return unpack_nvfp4(w) if isinstance(w, Nvfp4Packed) else w
+
+
+def _as_packed(w: quant.Nvfp4 | Nvfp4Packed) -> Nvfp4Packed:
+    return w if isinstance(w, Nvfp4Packed) else pack_nvfp4(w)
+
+
+def prepare_weights(tree):
+    """Every ``quant.Nvfp4`` leaf of ``tree`` (any pytree of parameters) -> ``Nvfp4Packed``; other leaves
+    unchanged. Call once after loading, on GPU (the references accept packed weights too)."""
+    return jax.tree.map(lambda a: pack_nvfp4(a) if isinstance(a, quant.Nvfp4) else a, tree,
+                        is_leaf=lambda a: isinstance(a, quant.Nvfp4))
+
+
+def linear(x: jax.Array, w: Weight | Nvfp4Packed, dtype, out_dtype=None, *, interpret: bool = False,
+           w4a4: bool = False) -> jax.Array:
+    """``x [..., in] @ W^T`` -> ``[..., out]`` in ``out_dtype`` (default ``dtype``), fp32 accumulation; the
+    NVFP4 global scale (and with ``w4a4`` the activation scale) is applied to the fp32 accumulator."""
+    out_dtype = jnp.dtype(dtype if out_dtype is None else out_dtype)
+    nvfp4 = isinstance(w, (quant.Nvfp4, Nvfp4Packed))
+    if w4a4 and not nvfp4:
+        raise ValueError("w4a4 needs an NVFP4 weight")
+    if _use_kernel(dtype, interpret):
+        if nvfp4:
+            p = _as_packed(w)
+            if w4a4:
+                return w4a4_matmul(x, p, out_dtype, interpret=interpret)
+            return nvfp4_matmul(x, p, out_dtype, interpret=interpret)
+        if isinstance(w, quant.Fp8Block) and w.weight.ndim == 2:
+            return fp8_matmul(x, w, out_dtype, interpret=interpret)
+    w = _as_checkpoint(w)
+    if w4a4:
+        return w4a4_matmul_reference(x, w, out_dtype)
+    return quant.linear(x, w, dtype, out_dtype)
+
+
+def routed_experts(e: Experts, x: jax.Array, ids: jax.Array, w: jax.Array, config: Config, dtype, *,
+                   interpret: bool = False) -> jax.Array:
+    """``moe.routed_experts``: sum over the selected experts of ``w * expert(x)``, fp32 ``[N, D]``.
+    ``x [N, D]``, ``ids, w [N, k]``."""
+    nvfp4 = all(isinstance(a, (quant.Nvfp4, Nvfp4Packed)) for a in (e.w1, e.w2, e.w3))
+    if nvfp4 and _use_kernel(dtype, interpret):
+        return nvfp4_moe(x, ids, w, _as_packed(e.w1), _as_packed(e.w2), _as_packed(e.w3),
+                              config.swiglu_limit, interpret=interpret)
+    e = Experts(_as_checkpoint(e.w1), _as_checkpoint(e.w2), _as_checkpoint(e.w3))
+    return moe.routed_experts(e, x, ids, w, config, dtype)
+
+
+def index_select(q: jax.Array, w: jax.Array, keys: jax.Array, pos0: jax.Array, ratio: int, top_k: int, dtype, *,
+                 query_block: int = 2048, interpret: bool = False) -> jax.Array:
+    """``indexer.select(indexer.index_scores(q, w, keys, dtype), pos0[:, None] + arange(T), ratio, top_k)``:
+    bool ``[B, T, R]``. ``q [B, T, H_I, d_I]``, ``w [B, T, H_I]`` fp32, ``keys [B, R, d_I]``; prefill is
+    scored and selected ``query_block`` tokens at a time."""
+    if _use_kernel(dtype, interpret):
+        return indexer_topk.index_select(q, w, keys, pos0, ratio=ratio, top_k=top_k, query_block=query_block,
+                                         interpret=interpret)
+    positions = pos0[:, None] + jnp.arange(q.shape[1])
+    return indexer_topk.index_select_reference(q, w, keys, positions, ratio, top_k, dtype)
+
+
+def window_attention(q: jax.Array, kv: jax.Array, ring: jax.Array, pos0: jax.Array, rows: jax.Array | None,
+                     sel: jax.Array | None, sink: jax.Array, ratio: int, dtype, *, top_k: int | None = None,
+                     interpret: bool = False) -> jax.Array:
+    """``attention.attend`` over each query's window (the chunk's ``kv [B, T, d]`` and, older, the ring
+    ``[B, W, d]`` before the chunk) and the compressed rows ``rows [B, R, d]`` visible at its position
+    (``c < (i + 1) // ratio``, and ``sel [B, T, R]`` where given): ``q [B, T, H, d]`` -> ``[B, T, H, d]``.
+
+    On the kernel path a decode step (T = 1) with a selection gathers its ``top_k`` selected rows first, so
+    the kernel reads only those."""
+    if not _use_kernel(dtype, interpret):
+        return cattn.compressed_attention_reference(q, kv, ring, pos0, sink, rows, ratio=max(ratio, 1), sel=sel,
+                                                    dtype=dtype)
+    if rows is not None and sel is not None and q.shape[1] == 1:
+        k = min(top_k or rows.shape[1], rows.shape[1])
+        idx = jax.vmap(lambda m: jnp.nonzero(m, size=k, fill_value=0)[0])(sel[:, 0])
+        gathered = jnp.take_along_axis(rows, idx[..., None], axis=1)
+        count = jnp.sum(sel[:, 0], axis=1, dtype=jnp.int32)
+        return cattn.compressed_attention(q, kv, ring, pos0, sink, gathered, ratio=1, count=count,
+                                          interpret=interpret)
+    return cattn.compressed_attention(q, kv, ring, pos0, sink, rows, ratio=max(ratio, 1), sel=sel,
+                                      interpret=interpret)

@@ -1,0 +1,20 @@
+"""Pallas-Triton GPU kernels of dsv4_jax, one file per kernel, each with its pure-JAX reference:
+
+* :mod:`.nvfp4_layout`  kernel layout of NVFP4 weights (exact, reversible repacking) and the E2M1 decoders;
+* :mod:`.nvfp4_matmul`  dense NVFP4 x bf16 (W4A16) matmul;
+* :mod:`.nvfp4_moe`     grouped NVFP4 routed experts (w1/w3 + clipped SwiGLU, w2 with routing weights);
+* :mod:`.fp8_matmul`    FP8 e4m3 x bf16 with 128x128 power-of-two block scales;
+* :mod:`.nvfp4_act`     W4A4 option (activations quantised to NVFP4 with the checkpoint's input_scale).
+
+The model chooses between kernels and references in one place, ``dsv4_jax.kernels``.
+
+Public entry points (the modules keep their own names; import functions from them):
+``nvfp4_matmul.nvfp4_matmul``, ``nvfp4_moe.nvfp4_moe``, ``fp8_matmul.fp8_matmul``, ``nvfp4_act.w4a4_matmul``,
+``nvfp4_layout.pack_nvfp4`` / ``unpack_nvfp4``, each beside its ``*_reference``.
+"""
+
+from . import fp8_matmul, nvfp4_act, nvfp4_layout, nvfp4_matmul, nvfp4_moe
+from .nvfp4_layout import Nvfp4Packed, pack_nvfp4, unpack_nvfp4
+
+__all__ = ["Nvfp4Packed", "fp8_matmul", "nvfp4_act", "nvfp4_layout", "nvfp4_matmul", "nvfp4_moe", "pack_nvfp4",
+           "unpack_nvfp4"]

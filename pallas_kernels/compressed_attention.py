@@ -1,0 +1,246 @@
+"""Window + compressed-row attention (ARCHITECTURE.md §5.3-5.4) in Pallas-Triton, with its pure-JAX reference.
+
+One kernel serves prefill chunks and decode steps. A chunk of ``T`` tokens at positions ``pos0[b] + t``
+attends to
+
+* its raw window (positions ``i - W + 1 .. i``): the chunk's own KV rows ``kv [B, T, d]`` and, older, the
+  ring ``ring [B, W, d]`` as it was before the chunk (slot = position mod W, §10.5);
+* compressed rows ``rows [B, R, d]``: row ``c`` is visible to the token at position ``i`` iff
+  ``c < min((i + 1) // ratio, count[b])`` and, where a selection ``sel [B, T, R]`` is given (CSA), it is
+  selected. Decode passes the CSA rows already gathered (``ratio = 1``, ``count`` = number selected).
+
+K = V is the one shared latent; all ``H`` heads of a token share its keys, so the kernel flattens the query
+rows ``(t, h)`` into the matmul's M axis (``q [B, T*H, d]``): a block of ``bm`` rows is ``bm // H`` tokens
+(or a slice of one token's heads when ``bm < H``). Each program walks its key blocks with an online softmax
+(fp32 scores and statistics, bf16 probabilities into P @ V, fp32 accumulator); the sink enters as the
+initial running maximum ``z_h`` with weight 1 (a virtual key of zero value). For long contexts the compressed
+rows are split over ``splits`` programs whose partial ``(acc, max, sum)`` are merged afterwards. Nothing of
+size ``T x T`` or ``T x R`` is built, except the CSA selection when it is given as a mask.
+
+Numerics: the reference rounds the *normalised* probabilities to bf16; the kernel rounds the unnormalised
+``exp(s - m_running)`` and divides in fp32 at the end, so the two agree to bf16 rounding (about 2^-8).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+_NEG = -1e30  # finite "no key yet" maximum: keeps exp(m_old - m_new) free of inf - inf
+
+
+@dataclasses.dataclass(frozen=True)
+class AttnConfig:
+    """Tiles of one launch: ``bm`` query rows (powers of two; ``bm % H == 0`` or ``H % bm == 0``), ``bk`` keys
+    per step, ``splits`` programs over the compressed rows."""
+
+    bm: int = 64
+    bk: int = 64
+    splits: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def default_config(t: int, h: int, r: int, batch: int) -> AttnConfig:
+    """Decode (``t == 1``): a slice of the heads per program and the rows split until ~2 programs per SM.
+    Prefill: 64 query rows, no split."""
+    if t == 1:
+        bm = min(32, max(16, pl.next_power_of_2(h)))
+        progs = batch * max(1, h // bm)
+        splits = 1
+        while progs * splits < 264 and r // (splits * 2) >= 512:
+            splits *= 2
+        return AttnConfig(bm=bm, bk=64, splits=splits, num_warps=4, num_stages=2)
+    return AttnConfig(bm=64, bk=64, splits=1, num_warps=4, num_stages=2)
+
+
+def window_keys(kv: jax.Array, ring: jax.Array, pos0: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The dense window of each query (as ``dsv4_jax.attention``): ``win [B, T, W, d]`` oldest first and
+    ``win_mask [B, T, W]``."""
+    b, t, _ = kv.shape
+    w = ring.shape[1]
+    positions = pos0[:, None] + jnp.arange(t)
+    kpos = positions[..., None] - (w - 1) + jnp.arange(w)
+    in_chunk = kpos >= pos0[:, None, None]
+    chunk_rows = jnp.take_along_axis(kv, jnp.clip(kpos - pos0[:, None, None], 0, t - 1).reshape(b, -1, 1), axis=1)
+    ring_rows = jnp.take_along_axis(ring.astype(kv.dtype), jnp.remainder(kpos, w).reshape(b, -1, 1), axis=1)
+    win = jnp.where(in_chunk[..., None], chunk_rows.reshape(b, t, w, -1), ring_rows.reshape(b, t, w, -1))
+    return win, kpos >= 0
+
+
+def row_visibility(pos0: jax.Array, t: int, r: int, ratio: int, count: jax.Array | None,
+                   sel: jax.Array | None) -> jax.Array:
+    """``[B, T, R]`` bool: row ``c`` visible to token ``t`` (the kernel's rule, spelled out densely)."""
+    lim = (pos0[:, None] + jnp.arange(t) + 1) // ratio
+    if count is not None:
+        lim = jnp.minimum(lim, count[:, None])
+    vis = jnp.arange(r) < lim[..., None]
+    return vis if sel is None else vis & sel
+
+
+def compressed_attention_reference(q: jax.Array, kv: jax.Array, ring: jax.Array, pos0: jax.Array, sink: jax.Array,
+                                   rows: jax.Array | None = None, *, ratio: int = 1,
+                                   count: jax.Array | None = None, sel: jax.Array | None = None,
+                                   dtype=jnp.bfloat16) -> jax.Array:
+    """Dense-mask reference (§5.8): ``q [B, T, H, d]``, ``kv [B, T, d]``, ``ring [B, W, d]``, ``pos0 [B]``,
+    ``sink [H]``, ``rows [B, R, d]`` -> ``o [B, T, H, d]`` in ``dtype``; ``dsv4_jax.attention.attend``."""
+    from dsv4_jax.attention import attend  # here, not at the top: dsv4_jax.attention imports dsv4_jax.kernels
+
+    win, win_mask = window_keys(kv, ring, pos0)
+    row_mask = None
+    if rows is not None:
+        row_mask = row_visibility(pos0, q.shape[1], rows.shape[1], ratio, count, sel)
+    return attend(q, win, win_mask, rows, row_mask, sink, dtype)
+
+
+def _dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _kernel(pos0_ref, cnt_ref, sink_ref, q_ref, kv_ref, ring_ref, rows_ref, sel_ref, *out_refs, h: int, t: int,
+            w: int, r: int, ratio: int, cfg: AttnConfig, has_rows: bool, has_sel: bool, partial: bool):
+    bm, bk = cfg.bm, cfg.bk
+    b, i, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    hb = min(bm, h)  # heads of one token inside the block
+    bt = max(1, bm // h)  # tokens inside the block
+    rid = i * bm + jax.lax.broadcasted_iota(jnp.int32, (bm,), 0)
+    tok = rid // h
+    row_ok = tok < t
+    t_min = (i * bm) // h
+    t_max = jnp.minimum(t_min + bt - 1, t - 1)
+    pos0 = pos0_ref[b]
+    pos = pos0 + tok  # [bm]
+    scale = q_ref.shape[-1] ** -0.5
+
+    q = plt.load(q_ref.at[b, pl.ds(i * bm, bm), :], mask=row_ok[:, None], other=0.0)
+    z = sink_ref[pl.ds(pl.multiple_of((i * bm) % sink_ref.shape[0], hb), bm)]
+    # Scalar-predicate selects are avoided on purpose: Pallas-Triton (jax 0.11.2) lowered a scalar
+    # jnp.where(bool, i32, i32) to an i1 value on the H200; arithmetic with 0/1 flags is used instead.
+    first = (s == 0).astype(jnp.int32)
+    ff = first.astype(jnp.float32)
+    m0 = z * ff + _NEG * (1.0 - ff)
+    l0 = jnp.zeros_like(z) + ff
+    acc0 = jnp.zeros((bm, q_ref.shape[-1]), jnp.float32)
+
+    def update(carry, k, vis):
+        m, l_, acc = carry
+        sc = jnp.where(vis, _dot_nt(q, k) * scale, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(sc, axis=1))
+        alpha = jnp.exp(m - m_new)
+        p = jnp.exp(sc - m_new[:, None])
+        l_ = alpha * l_ + jnp.sum(p, axis=1)
+        acc = alpha[:, None] * acc + jnp.dot(p.astype(k.dtype), k, preferred_element_type=jnp.float32)
+        return m_new, l_, acc
+
+    # Window keys inside the chunk: j in (t - W, t].
+    j_lo = jnp.maximum(0, t_min - w + 1)
+    n_chunk = first * pl.cdiv(t_max + 1 - j_lo, bk)
+
+    def chunk_step(kb, carry):
+        j = j_lo + kb * bk + jax.lax.broadcasted_iota(jnp.int32, (bk,), 0)
+        k = plt.load(kv_ref.at[b, pl.ds(j_lo + kb * bk, bk), :], mask=(j < t)[:, None], other=0.0)
+        vis = (j[None, :] <= tok[:, None]) & (j[None, :] > tok[:, None] - w) & (j < t)[None, :] & row_ok[:, None]
+        return update(carry, k, vis)
+
+    carry = jax.lax.fori_loop(0, n_chunk, chunk_step, (m0, l0, acc0))
+
+    # Window keys from the ring (positions before the chunk): slot s holds p - ((p - s) mod W), p = pos0 - 1.
+    n_ring = first * (pos0 > 0).astype(jnp.int32) * (t_min < w - 1).astype(jnp.int32) * pl.cdiv(w, bk)
+
+    def ring_step(kb, carry):
+        slot = kb * bk + jax.lax.broadcasted_iota(jnp.int32, (bk,), 0)
+        ps = pos0 - 1 - jax.lax.rem(pos0 - 1 - slot + w, w)
+        k = plt.load(ring_ref.at[b, pl.ds(kb * bk, bk), :], mask=(slot < w)[:, None], other=0.0)
+        vis = ((ps >= 0) & (slot < w))[None, :] & (ps[None, :] > pos[:, None] - w) & row_ok[:, None]
+        return update(carry, k, vis)
+
+    carry = jax.lax.fori_loop(0, n_ring, ring_step, carry)
+
+    if has_rows:
+        lim = jnp.minimum((pos + 1) // ratio, cnt_ref[b])  # [bm]
+        lim_max = jnp.minimum(jnp.minimum((pos0 + t_max + 1) // ratio, cnt_ref[b]), r)
+        per = pl.cdiv(pl.cdiv(r, bk), cfg.splits)
+        lo = s * per
+        hi = jnp.minimum(lo + per, pl.cdiv(lim_max, bk))
+
+        def row_step(kb, carry):
+            c = kb * bk + jax.lax.broadcasted_iota(jnp.int32, (bk,), 0)
+            k = plt.load(rows_ref.at[b, pl.ds(kb * bk, bk), :], mask=(c < r)[:, None], other=0.0)
+            vis = (c[None, :] < lim[:, None]) & (c < r)[None, :] & row_ok[:, None]
+            if has_sel:
+                tk = t_min + jax.lax.broadcasted_iota(jnp.int32, (bt,), 0)
+                sm = plt.load(sel_ref.at[b, pl.ds(t_min, bt), pl.ds(kb * bk, bk)],
+                              mask=(tk < t)[:, None] & (c < r)[None, :], other=0)
+                sm = jnp.broadcast_to(sm[:, None, :], (bt, hb, bk)).reshape(bm, bk) if bt > 1 else sm
+                vis = vis & (sm != 0)
+            return update(carry, k, vis)
+
+        carry = jax.lax.fori_loop(lo, jnp.maximum(lo, hi), row_step, carry)
+
+    m, l_, acc = carry
+    if partial:
+        o_ref, m_ref, l_ref = out_refs
+        plt.store(o_ref.at[b, s, pl.ds(i * bm, bm), :], acc, mask=row_ok[:, None])
+        plt.store(m_ref.at[b, s, pl.ds(i * bm, bm)], m, mask=row_ok)
+        plt.store(l_ref.at[b, s, pl.ds(i * bm, bm)], l_, mask=row_ok)
+    else:
+        (o_ref,) = out_refs
+        plt.store(o_ref.at[b, pl.ds(i * bm, bm), :], (acc / l_[:, None]).astype(o_ref.dtype), mask=row_ok[:, None])
+
+
+@functools.partial(jax.jit, static_argnames=("ratio", "cfg", "interpret"))
+def _call(q, kv, ring, pos0, sink, rows, count, sel, *, ratio: int, cfg: AttnConfig, interpret: bool):
+    b, t, h, d = q.shape
+    w = ring.shape[1]
+    if cfg.bm % h and h % cfg.bm:
+        raise ValueError(f"bm={cfg.bm} and H={h}: one must divide the other")
+    has_rows, has_sel = rows is not None, sel is not None
+    if not has_rows:
+        rows = jnp.zeros((b, 1, d), kv.dtype)
+        cfg = dataclasses.replace(cfg, splits=1)
+    r = rows.shape[1]
+    count = jnp.full((b,), r, jnp.int32) if count is None else count.astype(jnp.int32)
+    sel = jnp.zeros((b, 1, 1), jnp.int8) if sel is None else sel.astype(jnp.int8)
+    sink_rows = jnp.tile(sink.astype(jnp.float32), max(1, cfg.bm // h))
+    n_m = pl.cdiv(t * h, cfg.bm)
+    partial = cfg.splits > 1
+    if partial:
+        out_shape = (jax.ShapeDtypeStruct((b, cfg.splits, t * h, d), jnp.float32),
+                     jax.ShapeDtypeStruct((b, cfg.splits, t * h), jnp.float32),
+                     jax.ShapeDtypeStruct((b, cfg.splits, t * h), jnp.float32))
+    else:
+        out_shape = (jax.ShapeDtypeStruct((b, t * h, d), jnp.bfloat16),)
+    kernel = functools.partial(_kernel, h=h, t=t, w=w, r=r, ratio=ratio, cfg=cfg, has_rows=has_rows,
+                               has_sel=has_sel, partial=partial)
+    outs = pl.pallas_call(
+        kernel, out_shape=out_shape, grid=(b, n_m, cfg.splits), interpret=interpret, name="compressed_attention",
+        compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+    )(pos0.astype(jnp.int32), count, sink_rows, q.reshape(b, t * h, d).astype(jnp.bfloat16),
+      kv.astype(jnp.bfloat16), ring.astype(jnp.bfloat16), rows.astype(jnp.bfloat16), sel)
+    if partial:
+        acc, m, l_ = outs
+        mx = jnp.max(m, axis=1, keepdims=True)
+        wgt = jnp.exp(m - mx)
+        o = jnp.sum(acc * wgt[..., None], axis=1) / jnp.sum(l_ * wgt, axis=1)[..., None]
+    else:
+        (o,) = outs
+    return o.reshape(b, t, h, d).astype(jnp.bfloat16)
+
+
+def compressed_attention(q: jax.Array, kv: jax.Array, ring: jax.Array, pos0: jax.Array, sink: jax.Array,
+                         rows: jax.Array | None = None, *, ratio: int = 1, count: jax.Array | None = None,
+                         sel: jax.Array | None = None, config: AttnConfig | None = None,
+                         interpret: bool = False) -> jax.Array:
+    """Kernel with the semantics of :func:`compressed_attention_reference` (bf16 compute):
+    ``q [B, T, H, d]``, ``kv [B, T, d]``, ``ring [B, W, d]``, ``pos0 [B]`` int, ``sink [H]`` fp32, optional
+    ``rows [B, R, d]`` (visible: ``c < min((pos + 1) // ratio, count[b])``), optional ``sel [B, T, R]`` bool
+    -> ``o [B, T, H, d]`` bf16."""
+    b, t, h, _ = q.shape
+    r = 0 if rows is None else rows.shape[1]
+    cfg = config or default_config(t, h, r, b)
+    return _call(q, kv, ring, pos0, sink, rows, count, sel, ratio=ratio, cfg=cfg, interpret=interpret)

@@ -1,0 +1,269 @@
+"""Grouped NVFP4 expert matmuls for the routed MoE (ARCHITECTURE.md §8.2) in Pallas-Triton, with the
+pure-JAX reference.
+
+``y[t] = sum_j w[t, j] * expert_{ids[t, j]}(x[t])`` where ``expert(x) = w2(SiLU(min(x w1^T, L)) *
+clamp(x w3^T, -L, L))`` and the routing weight multiplies the hidden before w2 (``moe.expert_ffn``).
+
+Schedule (built in XLA, static sizes): the ``P = T*k`` (token, expert) pairs are sorted by expert and each
+expert's rows are padded to a multiple of ``bm``, so that every row tile of ``bm`` slots belongs to one
+expert; at most ``P // bm + min(P, E)`` tiles exist, and only experts that received tokens own tiles (the
+others are never read). Unused tiles carry expert ``-1`` and return at once. For decode-sized batches
+(``P <= PAIRWISE_MAX``) the sort is skipped: each pair is its own tile (one live row).
+
+Kernel 1 (``w13``): per (tile, I-block) the w1 and w3 tiles of the tile's expert are decoded and multiplied
+against the tile's token rows (gathered from ``x`` inside the kernel), and the epilogue applies the global
+scales, the clipped SwiGLU and the routing weight, writing ``h [R, I]`` in bf16.
+Kernel 2 (``w2``): per (tile, D-block) ``h_tile @ w2[e]^T * weight_scale_2`` in fp32; the pairs are then
+summed per token by one XLA gather + reduction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from dsv4_jax import quant
+
+from .nvfp4_layout import Nvfp4Packed, decode_asm, decode_int, unpack_nvfp4
+
+PAIRWISE_MAX = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeConfig:
+    """Tiles of the two grouped kernels; ``bm`` rows per tile (16 for decode)."""
+
+    bm: int = 16
+    bn13: int = 64
+    bn2: int = 64
+    bk: int = 256
+    swap_ab: bool = True
+    num_warps: int = 4
+    num_stages: int = 4
+    decode: str = "asm"
+
+
+def default_config(pairs: int) -> MoeConfig:
+    """Per-size configuration (H200 measurements, BENCHMARKS.md; batch-1 decode: bn13=64 100 us vs 135 us
+    for 32)."""
+    if pairs <= PAIRWISE_MAX:
+        return MoeConfig()
+    if pairs <= 4096:
+        return MoeConfig(bm=16, bn13=64, bn2=64, bk=256, swap_ab=True, num_stages=4)
+    return MoeConfig(bm=64, bn13=64, bn2=128, bk=128, swap_ab=False, num_warps=4, num_stages=3)
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """Row slots of the grouped kernels. ``tile_expert [n_tiles]`` (-1: unused), ``row_token [R]`` (-1:
+    padding), ``row_weight [R]`` fp32, ``pair_slot [P]`` (slot of pair ``t*k + j``)."""
+
+    tile_expert: jax.Array
+    row_token: jax.Array
+    row_weight: jax.Array
+    pair_slot: jax.Array
+
+
+def make_schedule(ids: jax.Array, weights: jax.Array, n_experts: int, bm: int) -> Schedule:
+    """Sorted, per-expert padded schedule of the ``[T, k]`` routing (see the module docstring)."""
+    t, k = ids.shape
+    p = t * k
+    flat_e = ids.reshape(-1).astype(jnp.int32)
+    flat_w = weights.reshape(-1).astype(jnp.float32)
+    if p <= PAIRWISE_MAX:
+        slots = jnp.arange(p, dtype=jnp.int32) * bm
+        row_token = jnp.full((p * bm,), -1, jnp.int32).at[slots].set(jnp.arange(p, dtype=jnp.int32) // k)
+        row_weight = jnp.zeros((p * bm,), jnp.float32).at[slots].set(flat_w)
+        return Schedule(flat_e, row_token, row_weight, slots)
+    order = jnp.argsort(flat_e, stable=True).astype(jnp.int32)
+    sorted_e = flat_e[order]
+    sizes = jnp.zeros((n_experts,), jnp.int32).at[flat_e].add(1)
+    padded = (sizes + bm - 1) // bm * bm
+    pend = jnp.cumsum(padded)
+    pstart = pend - padded
+    gstart = jnp.cumsum(sizes) - sizes
+    slot_sorted = pstart[sorted_e] + jnp.arange(p, dtype=jnp.int32) - gstart[sorted_e]
+    n_tiles = p // bm + min(p, n_experts)
+    rows = n_tiles * bm
+    row_token = jnp.full((rows,), -1, jnp.int32).at[slot_sorted].set(order // k)
+    row_weight = jnp.zeros((rows,), jnp.float32).at[slot_sorted].set(flat_w[order])
+    tile_start = jnp.arange(n_tiles, dtype=jnp.int32) * bm
+    tile_expert = jnp.searchsorted(pend, tile_start, side="right").astype(jnp.int32)
+    tile_expert = jnp.where(tile_expert < n_experts, tile_expert, -1)
+    pair_slot = jnp.zeros((p,), jnp.int32).at[order].set(slot_sorted)
+    return Schedule(tile_expert, row_token, row_weight, pair_slot)
+
+
+def _dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _w13_kernel(te_ref, tok_ref, rw_ref, x_ref, q1_ref, s1_ref, g1_ref, q3_ref, s3_ref, g3_ref, h_ref, *,
+                cfg: MoeConfig, t: int, d: int, kp: int, n_i: int, limit: float, decode):
+    bm, bn, bkh = cfg.bm, cfg.bn13, cfg.bk // 2
+    half = kp // 2
+    tile, pn = pl.program_id(0), pl.program_id(1)
+    e = te_ref[tile]
+
+    @pl.when(e >= 0)
+    def _():
+        tok = tok_ref[pl.ds(tile * bm, bm)]
+        live = tok >= 0
+        tok = jnp.where(live, tok, 0)
+
+        def load_x(start):
+            # Gather of the tile's token rows: both indices as [bm, bkh] arrays (interpretable, and a plain
+            # pointer tile for Triton, contiguous along K).
+            cols = start + jax.lax.broadcasted_iota(jnp.int32, (bm, bkh), 1)
+            rows = jnp.broadcast_to(tok[:, None], (bm, bkh))
+            return plt.load(x_ref.at[rows, cols], mask=live[:, None] & (cols < d), other=0.0)
+
+        def tiles(q_ref, s_ref, j0):
+            q = q_ref[e, pl.ds(pn * bn, bn), pl.ds(j0, bkh)]
+            s_lo = s_ref[e, pl.ds(pn * bn, bn), pl.ds(j0 // 16, bkh // 16)].astype(jnp.bfloat16)
+            s_hi = s_ref[e, pl.ds(pn * bn, bn), pl.ds((half + j0) // 16, bkh // 16)].astype(jnp.bfloat16)
+            return decode(q, s_lo, s_hi)
+
+        def body(step, accs):
+            a1, a3 = accs
+            j0 = pl.multiple_of(step * bkh, bkh)
+            x_lo, x_hi = load_x(j0), load_x(half + j0)
+            w1_lo, w1_hi = tiles(q1_ref, s1_ref, j0)
+            w3_lo, w3_hi = tiles(q3_ref, s3_ref, j0)
+            if cfg.swap_ab:
+                return (a1 + _dot_nt(w1_lo, x_lo) + _dot_nt(w1_hi, x_hi),
+                        a3 + _dot_nt(w3_lo, x_lo) + _dot_nt(w3_hi, x_hi))
+            return (a1 + _dot_nt(x_lo, w1_lo) + _dot_nt(x_hi, w1_hi),
+                    a3 + _dot_nt(x_lo, w3_lo) + _dot_nt(x_hi, w3_hi))
+
+        shape = (bn, bm) if cfg.swap_ab else (bm, bn)
+        zero = jnp.zeros(shape, jnp.float32)
+        a1, a3 = jax.lax.fori_loop(0, kp // cfg.bk, body, (zero, zero))
+        if cfg.swap_ab:
+            a1, a3 = a1.T, a3.T
+        # ARCHITECTURE.md §8.2: SiLU(min(a, L)) * clamp(u, -L, L), then the routing weight (moe.expert_ffn).
+        a = jnp.minimum(a1 * g1_ref[e], limit)
+        u = jnp.clip(a3 * g3_ref[e], -limit, limit)
+        rw = rw_ref[pl.ds(tile * bm, bm)]
+        h = a / (1.0 + jnp.exp(-a)) * u * rw[:, None]
+        cols = pn * bn + jax.lax.broadcasted_iota(jnp.int32, (bn,), 0)
+        plt.store(h_ref.at[pl.ds(tile * bm, bm), pl.ds(pn * bn, bn)], h.astype(h_ref.dtype),
+                  mask=jnp.broadcast_to((cols < n_i)[None, :], (bm, bn)))
+
+
+def _w2_kernel(te_ref, h_ref, q_ref, s_ref, g_ref, y_ref, *, cfg: MoeConfig, i: int, kp: int, n_d: int,
+               decode):
+    bm, bn, bkh = cfg.bm, cfg.bn2, cfg.bk // 2
+    half = kp // 2
+    tile, pn = pl.program_id(0), pl.program_id(1)
+    e = te_ref[tile]
+
+    @pl.when(e >= 0)
+    def _():
+        def load_h(start):
+            ref = h_ref.at[pl.ds(tile * bm, bm), pl.ds(start, bkh)]
+            if i == kp:
+                return ref[...]
+            cols = start + jax.lax.broadcasted_iota(jnp.int32, (bkh,), 0)
+            return plt.load(ref, mask=jnp.broadcast_to((cols < i)[None, :], (bm, bkh)), other=0.0)
+
+        def body(step, acc):
+            j0 = pl.multiple_of(step * bkh, bkh)
+            q = q_ref[e, pl.ds(pn * bn, bn), pl.ds(j0, bkh)]
+            s_lo = s_ref[e, pl.ds(pn * bn, bn), pl.ds(j0 // 16, bkh // 16)].astype(jnp.bfloat16)
+            s_hi = s_ref[e, pl.ds(pn * bn, bn), pl.ds((half + j0) // 16, bkh // 16)].astype(jnp.bfloat16)
+            w_lo, w_hi = decode(q, s_lo, s_hi)
+            h_lo, h_hi = load_h(j0), load_h(half + j0)
+            if cfg.swap_ab:
+                return acc + _dot_nt(w_lo, h_lo) + _dot_nt(w_hi, h_hi)
+            return acc + _dot_nt(h_lo, w_lo) + _dot_nt(h_hi, w_hi)
+
+        shape = (bn, bm) if cfg.swap_ab else (bm, bn)
+        acc = jax.lax.fori_loop(0, kp // cfg.bk, body, jnp.zeros(shape, jnp.float32))
+        if cfg.swap_ab:
+            acc = acc.T
+        cols = pn * bn + jax.lax.broadcasted_iota(jnp.int32, (bn,), 0)
+        plt.store(y_ref.at[pl.ds(tile * bm, bm), pl.ds(pn * bn, bn)], acc * g_ref[e],
+                  mask=jnp.broadcast_to((cols < n_d)[None, :], (bm, bn)))
+
+
+def _fit(bn: int, np_: int) -> int:
+    while np_ % bn:
+        bn //= 2
+    return bn
+
+
+@functools.partial(jax.jit, static_argnames=("limit", "cfg", "interpret"))
+def _moe(x, ids, weights, w1: Nvfp4Packed, w2: Nvfp4Packed, w3: Nvfp4Packed, limit: float, cfg: MoeConfig,
+         interpret: bool):
+    t, d = x.shape
+    n_e = w1.qweight.shape[0]
+    n_i = w1.n
+    if w3.n != n_i or w1.k != d or w3.k != d or w2.k != n_i or w2.n != d:
+        raise ValueError(f"expert shapes w1 {w1.shape}, w3 {w3.shape}, w2 {w2.shape} do not match D={d}")
+    cfg = dataclasses.replace(cfg, bn13=_fit(cfg.bn13, w1.np_), bn2=_fit(cfg.bn2, w2.np_),
+                              bk=min(cfg.bk, w1.kp, w2.kp))
+    if w1.kp % cfg.bk or w2.kp % cfg.bk:
+        raise ValueError(f"bk={cfg.bk} does not divide the padded inputs {w1.kp}, {w2.kp}")
+    decode = decode_int if (interpret or cfg.decode == "int") else decode_asm
+    sched = make_schedule(ids, weights, n_e, cfg.bm)
+    n_tiles = sched.tile_expert.shape[0]
+    rows = n_tiles * cfg.bm
+    params = plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    k1 = functools.partial(_w13_kernel, cfg=cfg, t=t, d=d, kp=w1.kp, n_i=n_i, limit=limit, decode=decode)
+    h = pl.pallas_call(
+        k1, out_shape=jax.ShapeDtypeStruct((rows, n_i), jnp.bfloat16), grid=(n_tiles, w1.np_ // cfg.bn13),
+        interpret=interpret, compiler_params=params, name="nvfp4_moe_w13",
+    )(sched.tile_expert, sched.row_token, sched.row_weight, x.astype(jnp.bfloat16), w1.qweight, w1.scale,
+      w1.weight_scale_2, w3.qweight, w3.scale, w3.weight_scale_2)
+    k2 = functools.partial(_w2_kernel, cfg=cfg, i=n_i, kp=w2.kp, n_d=d, decode=decode)
+    y = pl.pallas_call(
+        k2, out_shape=jax.ShapeDtypeStruct((rows, d), jnp.float32), grid=(n_tiles, w2.np_ // cfg.bn2),
+        interpret=interpret, compiler_params=params, name="nvfp4_moe_w2",
+    )(sched.tile_expert, h, w2.qweight, w2.scale, w2.weight_scale_2)
+    return y[sched.pair_slot].reshape(t, ids.shape[1], d).sum(axis=1)
+
+
+def nvfp4_moe(x: jax.Array, ids: jax.Array, weights: jax.Array, w1: Nvfp4Packed, w2: Nvfp4Packed,
+              w3: Nvfp4Packed, swiglu_limit: float, *, config: MoeConfig | None = None,
+              interpret: bool = False) -> jax.Array:
+    """Routed experts, fp32 ``[T, D]``. ``x [T, D]`` (cast to bf16), ``ids, weights [T, k]``; stacked
+    packed weights ``w1, w3 [E, I, D]``, ``w2 [E, D, I]``."""
+    t, k = ids.shape
+    if t == 0:
+        return jnp.zeros((0, x.shape[1]), jnp.float32)
+    cfg = config or default_config(t * k)
+    return _moe(x, ids, weights, w1, w2, w3, float(swiglu_limit), cfg, interpret)
+
+
+def nvfp4_moe_reference(x: jax.Array, ids: jax.Array, weights: jax.Array, w1: quant.Nvfp4, w2: quant.Nvfp4,
+                        w3: quant.Nvfp4, swiglu_limit: float) -> jax.Array:
+    """Reference (``moe.routed_experts`` in bf16 compute): per (token, expert) pair, exact bf16 weights,
+    fp32 accumulation, global scales on the accumulators, routing weight on the hidden before w2."""
+    lim = swiglu_limit
+
+    def one(xi, e, wi):
+        def lin(v, w):
+            we = jax.tree.map(lambda a: a[e], w)
+            return quant.linear(v, we, jnp.bfloat16, jnp.float32)
+
+        a = jnp.minimum(lin(xi, w1), lim)
+        u = jnp.clip(lin(xi, w3), -lim, lim)
+        h = jax.nn.silu(a) * u * wi
+        return lin(h.astype(jnp.bfloat16), w2)
+
+    t, k = ids.shape
+    ys = jax.vmap(one)(jnp.repeat(x, k, axis=0), ids.reshape(-1), weights.reshape(-1))
+    return ys.reshape(t, k, -1).sum(axis=1)
+
+
+def reference_from_packed(x, ids, weights, w1: Nvfp4Packed, w2: Nvfp4Packed, w3: Nvfp4Packed,
+                          swiglu_limit: float) -> jax.Array:
+    """:func:`nvfp4_moe_reference` on packed weights."""
+    return nvfp4_moe_reference(x, ids, weights, unpack_nvfp4(w1), unpack_nvfp4(w2), unpack_nvfp4(w3),
+                               swiglu_limit)

@@ -1,0 +1,454 @@
+"""Benchmark of the NVFP4 / FP8 matmul kernels on the model's real shapes (GPU only).
+
+    PYTHONPATH=. python scripts/bench_kernels.py [--tune] [--out DIR] [--budget SECONDS]
+
+Prints one table of median kernel times (CUPTI, summed over every kernel of one call, glue included) for:
+dense NVFP4 (ours, XLA dequantise-then-dot, bf16 ``jnp.dot`` on dequantised weights), FP8 block-scaled (ours,
+the XLA formulation, XLA dequantise-then-dot, bf16) and the grouped MoE layer (ours, ``jax.lax.ragged_dot``, a
+dense batched einsum of equal FLOPs), over M in {1, 4, 16, 64, 256, 1024, 4096, 16384}, with effective TB/s
+(bytes of the stored weights), TFLOP/s and ratios to the copy bandwidth and bf16 matmul rate measured in the
+same run. Weights rotate over several copies so that repeated calls do not read them from L2 (60 MB).
+``--tune`` first times candidate configurations at the decisive sizes and prints the best ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from dsv4_jax import quant
+from pallas_kernels import fp8_matmul as F
+from pallas_kernels import nvfp4_layout as L
+from pallas_kernels import nvfp4_matmul as NM
+from pallas_kernels import nvfp4_moe as MO
+
+MS = [1, 4, 16, 64, 256, 1024, 4096, 16384]
+NV_SHAPES = {"expert w13 4096->2048": (2048, 4096), "expert w2 2048->4096": (4096, 2048),
+             "8192x8192": (8192, 8192)}
+FP8_SHAPES = {"attn wq_a 4096->1024": (1024, 4096), "attn wq_b 1024->32768": (32768, 1024),
+              "attn wo_b 8192->4096": (4096, 8192), "8192x8192": (8192, 8192)}
+E, D, I, TOPK = 256, 4096, 2048, 6
+ROTATE_BYTES = 256 << 20
+T0 = time.time()
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Timing
+
+
+def _cupti():
+    try:
+        from jax._src.lib import mosaic_gpu as mgl
+        return mgl._mosaic_gpu_ext
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _timings(ext):
+    try:
+        return ext._cupti_get_timings(True)
+    except TypeError:
+        return ext._cupti_get_timings()
+
+
+def median_ms(fn, argsets, iters: int) -> float:
+    """Median over ``iters`` calls (rotating over ``argsets``) of the summed kernel time of one call, ms."""
+    for a in argsets:
+        jax.block_until_ready(fn(*a))
+    ext = _cupti()
+    if ext is None:
+        ts = []
+        for i in range(iters):
+            t = time.perf_counter()
+            jax.block_until_ready(fn(*argsets[i % len(argsets)]))
+            ts.append((time.perf_counter() - t) * 1e3)
+        return statistics.median(ts)
+    ext._cupti_init()
+    jax.block_until_ready(fn(*argsets[0]))
+    per_call = len(_timings(ext))
+    ext._cupti_init()
+    outs = [fn(*argsets[(i + 1) % len(argsets)]) for i in range(iters)]
+    jax.block_until_ready(outs)
+    t = _timings(ext)
+    if per_call == 0 or len(t) != per_call * iters:
+        # The launch count varies between calls (XLA's sort): report the mean per call instead.
+        return sum(ms for _, ms in t) / iters
+    return statistics.median(sum(ms for _, ms in t[i * per_call:(i + 1) * per_call]) for i in range(iters))
+
+
+def copies(tree, nbytes: int, cap: int = 48):
+    """Enough distinct copies of ``tree`` to exceed the L2 several times over."""
+    r = int(min(cap, max(2, -(-ROTATE_BYTES // max(nbytes, 1)))))
+    return [tree] + [jax.tree.map(lambda a: jnp.array(a, copy=True), tree) for _ in range(r - 1)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Random weights in the stored formats (uniform codes, e4m3 block scales in [1/8, 4]).
+
+
+def rand_nvfp4(key, *shape) -> quant.Nvfp4:
+    k1, k2 = jax.random.split(key)
+    *lead, n, k = shape
+    q = jax.random.randint(k1, (*lead, n, k // 2), 0, 256, jnp.int32).astype(jnp.uint8)
+    s = jnp.exp2(jax.random.randint(k2, (*lead, n, k // 16), -3, 3).astype(jnp.float32))
+    s = (s * 1.25).astype(jnp.float8_e4m3fn)
+    g = jnp.full(lead, 1e-3, jnp.float32)
+    return quant.Nvfp4(q, s, g, jnp.ones(lead, jnp.float32))
+
+
+def rand_fp8(key, n, k) -> quant.Fp8Block:
+    w = (jax.random.normal(key, (n, k), jnp.float32) * 64).astype(jnp.float8_e4m3fn)
+    s = jnp.full((-(-n // 128), -(-k // 128)), 120, jnp.uint8)
+    return quant.Fp8Block(w, jax.lax.bitcast_convert_type(s, jnp.float8_e8m0fnu))
+
+
+def nv_bytes(n, k):
+    return n * k // 2 + n * k // 16
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ceilings measured in this run
+
+
+def ceilings():
+    x = jax.random.normal(jax.random.key(0), (1 << 29,), jnp.float32)  # 2 GiB
+    t = median_ms(jax.jit(lambda a: a * 2.0), [(x,)], 10)
+    copy_tbs = 2 * x.nbytes / t / 1e9
+    a = jax.random.normal(jax.random.key(1), (8192, 8192), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(2), (8192, 8192), jnp.bfloat16)
+    t = median_ms(jax.jit(lambda p, q: jnp.dot(p, q, preferred_element_type=jnp.float32).astype(jnp.bfloat16)),
+                  [(a, b)], 10)
+    return copy_tbs, 2 * 8192**3 / t / 1e9
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Methods
+
+
+def nv_ours(cfg=None):
+    return jax.jit(lambda x, p: NM.nvfp4_matmul(x, p, jnp.bfloat16, config=cfg))
+
+
+nv_xla = jax.jit(lambda x, w: quant.linear(x, w, jnp.bfloat16, jnp.bfloat16))
+bf16_dot = jax.jit(lambda x, w: jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
+
+
+def fp8_ours(cfg=None):
+    return jax.jit(lambda x, w: F.fp8_matmul(x, w, jnp.bfloat16, config=cfg))
+
+
+fp8_xla_form = jax.jit(lambda x, w: F.fp8_matmul_xla(x, w, jnp.bfloat16))
+fp8_xla_dequant = jax.jit(lambda x, w: quant.linear(x, w, jnp.bfloat16, jnp.bfloat16))
+
+
+def moe_ours(cfg=None):
+    return jax.jit(lambda x, ids, wt, p1, p2, p3: MO.nvfp4_moe(x, ids, wt, p1, p2, p3, 10.0, config=cfg))
+
+
+@jax.jit
+def moe_ragged(x, ids, wt, w1t, w2t, w3t):
+    """``lax.ragged_dot`` on bf16 experts (pre-dequantised, ``w1t [E, D, I]``): sort, 3 ragged dots, combine."""
+    t, k = ids.shape
+    flat = ids.reshape(-1)
+    order = jnp.argsort(flat)
+    sizes = jnp.zeros((E,), jnp.int32).at[flat].add(1)
+    xs = x[order // k]
+    a = jax.lax.ragged_dot(xs, w1t, sizes, preferred_element_type=jnp.float32)
+    u = jax.lax.ragged_dot(xs, w3t, sizes, preferred_element_type=jnp.float32)
+    h = (jax.nn.silu(jnp.minimum(a, 10.0)) * jnp.clip(u, -10, 10) * wt.reshape(-1)[order][:, None])
+    y = jax.lax.ragged_dot(h.astype(jnp.bfloat16), w2t, sizes, preferred_element_type=jnp.float32)
+    return jnp.zeros((t * k, D), jnp.float32).at[order].set(y).reshape(t, k, D).sum(1)
+
+
+@jax.jit
+def moe_einsum(xg, w1t, w2t, w3t):
+    """Dense batched einsum of the same FLOPs: ``xg [E, C, D]`` tokens per expert, uniform capacity."""
+    a = jnp.einsum("ecd,edi->eci", xg, w1t, preferred_element_type=jnp.float32)
+    u = jnp.einsum("ecd,edi->eci", xg, w3t, preferred_element_type=jnp.float32)
+    h = (jax.nn.silu(jnp.minimum(a, 10.0)) * jnp.clip(u, -10, 10)).astype(jnp.bfloat16)
+    return jnp.einsum("eci,eid->ecd", h, w2t, preferred_element_type=jnp.float32)
+
+
+def routing(key, t):
+    k1, k2 = jax.random.split(key)
+    _, ids = jax.lax.top_k(jax.random.uniform(k1, (t, E)), TOPK)
+    return ids.astype(jnp.int32), jax.random.uniform(k2, (t, TOPK), jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tuning
+
+
+def nv_candidates(m, np_, kp):
+    out = []
+    if m <= 16:
+        for dec in ("asm", "int"):
+            for bn, bk, nw, ns in ((64, 256, 4, 4), (32, 256, 4, 4), (128, 256, 4, 3), (64, 256, 8, 4)):
+                if dec == "int" and not FLAGS.int_decode:
+                    continue
+                for split in (1, 2, 4, 8):
+                    if np_ % bn or kp % (bk * split) or kp // (bk * split) < 2:
+                        continue
+                    if (np_ // bn) * split > 1024 or (np_ // bn) * split < 64:
+                        continue
+                    out.append(NM.MatmulConfig(bm=16, bn=bn, bk=bk, split_k=split, swap_ab=True, num_warps=nw,
+                                               num_stages=ns, decode=dec))
+    elif m <= 64:
+        for swap in (True, False):
+            for bn, bk, split in ((64, 256, 1), (64, 256, 2), (128, 128, 1)):
+                if kp % (bk * split) == 0:
+                    out.append(NM.MatmulConfig(bm=64, bn=bn, bk=bk, split_k=split, swap_ab=swap, num_stages=4))
+    else:
+        for bm, bn, bk, nw, ns in ((64, 128, 128, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
+                                   (128, 128, 128, 8, 3)):
+            out.append(NM.MatmulConfig(bm=bm, bn=bn, bk=bk, swap_ab=False, num_warps=nw, num_stages=ns))
+        out.append(NM.MatmulConfig(method="dequant_dot"))
+    return out
+
+
+def tune(results: dict):
+    key = jax.random.key(7)
+    for name, (n, k), ms in [("8192x8192", (8192, 8192), (1, 256, 4096)),
+                             ("expert w13 4096->2048", (2048, 4096), (1,)),
+                             ("expert w2 2048->4096", (4096, 2048), (1,))]:
+        w = rand_nvfp4(key, n, k)
+        p = L.pack_nvfp4(w)
+        ps = copies(p, nv_bytes(n, k))
+        for m in ms:
+            x = jax.random.normal(key, (m, k), jnp.bfloat16)
+            best = None
+            for cfg in nv_candidates(m, p.np_, p.kp):
+                if time.time() - T0 > BUDGET * 0.35:
+                    break
+                try:
+                    t = median_ms(nv_ours(cfg), [(x, q) for q in ps], 10)
+                except Exception as e:  # noqa: BLE001
+                    log(f"  tune nv {name} m={m} {cfg}: FAILED {type(e).__name__}: {str(e)[:200]}")
+                    continue
+                log(f"  tune nv {name} m={m} {cfg}: {t * 1e3:.1f} us")
+                if best is None or t < best[0]:
+                    best = (t, cfg)
+            if best:
+                results[f"nv|{name}|{m}"] = (best[0], dataclasses.asdict(best[1]))
+                log(f"BEST nv {name} m={m}: {best[0] * 1e3:.1f} us {best[1]}")
+    ws = [rand_nvfp4(jax.random.key(i), E, n, k) for i, (n, k) in enumerate(((I, D), (D, I), (I, D)))]
+    ps = [L.pack_nvfp4(w) for w in ws]
+    for t_tok, cands in [
+        (1, [MO.MoeConfig(bn13=a, bn2=b, bk=c, num_stages=s, decode=dec)
+             for dec in ("asm", "int") for a, b, c, s in ((32, 64, 256, 4), (64, 64, 256, 4), (32, 32, 256, 4),
+                                                          (32, 64, 512, 3))
+             if dec == "asm" or FLAGS.int_decode]),
+        (8192, [MO.MoeConfig(bm=bm, bn13=a, bn2=b, bk=c, swap_ab=False, num_warps=nw, num_stages=3)
+                for bm, a, b, c, nw in ((64, 64, 128, 128, 4), (128, 64, 128, 64, 8))])]:
+        args = [(jax.random.normal(jax.random.key(j), (t_tok, D), jnp.bfloat16),
+                 *routing(jax.random.key(100 + j), t_tok), *ps) for j in range(4)]
+        best = None
+        for cfg in cands:
+            if time.time() - T0 > BUDGET * 0.5:
+                break
+            try:
+                t = median_ms(moe_ours(cfg), args, 8)
+            except Exception as e:  # noqa: BLE001
+                log(f"  tune moe T={t_tok} {cfg}: FAILED {type(e).__name__}: {str(e)[:200]}")
+                continue
+            log(f"  tune moe T={t_tok} {cfg}: {t * 1e3:.1f} us")
+            if best is None or t < best[0]:
+                best = (t, cfg)
+        if best:
+            results[f"moe|{t_tok}"] = (best[0], dataclasses.asdict(best[1]))
+            log(f"BEST moe T={t_tok}: {best[0] * 1e3:.1f} us {best[1]}")
+    for name, (n, k) in (("8192x8192", (8192, 8192)), ("attn wq_a 4096->1024", (1024, 4096))):
+        if FLAGS.skip_fp8:
+            break
+        w = rand_fp8(key, n, k)
+        wsl = copies(w, n * k)
+        x = jax.random.normal(key, (1, k), jnp.bfloat16)
+        best = None
+        for bn in (64, 128, 32):
+            for split in (1, 2, 4, 8):
+                if time.time() - T0 > BUDGET * 0.5:
+                    break
+                if (-(-k // 128)) % split:
+                    continue
+                cfg = F.Fp8Config(bm=16, bn=bn, split_k=split, num_stages=4)
+                try:
+                    t = median_ms(fp8_ours(cfg), [(x, q) for q in wsl], 10)
+                except Exception as e:  # noqa: BLE001
+                    log(f"  tune fp8 {name} {cfg}: FAILED {type(e).__name__}: {str(e)[:200]}")
+                    continue
+                log(f"  tune fp8 {name} {cfg}: {t * 1e3:.1f} us")
+                if best is None or t < best[0]:
+                    best = (t, cfg)
+        t = median_ms(fp8_xla_form, [(x, q) for q in wsl], 10)
+        log(f"  tune fp8 {name} xla formulation: {t * 1e3:.1f} us")
+        if best:
+            results[f"fp8|{name}|1"] = (best[0], dataclasses.asdict(best[1]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The table
+
+
+TUNED: dict = {}
+
+
+def tuned(kind: str, name: str, m: int):
+    """The tuned configuration for this size bucket (``--tune``), else None (the library default)."""
+    if kind == "nv":
+        bucket = 1 if m <= 16 else (m if m in (64, 256) else (4096 if m >= 1024 else None))
+        got = TUNED.get(f"nv|{name}|{bucket}")
+        if got is None:
+            return None
+        cfg = NM.MatmulConfig(**got[1])
+        return dataclasses.replace(cfg, bm=16) if m <= 16 and cfg.method == "fused" else cfg
+    if kind == "moe":
+        got = TUNED.get("moe|1" if m * TOPK <= MO.PAIRWISE_MAX else ("moe|8192" if m >= 1024 else ""))
+        return None if got is None else MO.MoeConfig(**got[1])
+    got = TUNED.get(f"fp8|{name}|1") if m <= 16 else None
+    return None if got is None else F.Fp8Config(**got[1])
+
+
+def row(rows, kind, shape, m, method, ms, nbytes, flops, copy_tbs, bf16_tf):
+    tbs = nbytes / ms / 1e9
+    tf = flops / ms / 1e9
+    rows.append({"kind": kind, "shape": shape, "m": m, "method": method, "us": ms * 1e3, "tbs": tbs,
+                 "tflops": tf, "pct_copy": 100 * tbs / copy_tbs, "pct_bf16": 100 * tf / bf16_tf})
+    log(f"{kind:6s} {shape:24s} M={m:<6d} {method:22s} {ms * 1e3:10.1f} us {tbs:6.2f} TB/s {tf:7.1f} TFLOP/s "
+        f"{100 * tbs / copy_tbs:6.1f}% copy {100 * tf / bf16_tf:6.1f}% bf16")
+
+
+def safe(f, *args):
+    try:
+        return f(*args)
+    except Exception as e:  # noqa: BLE001
+        log(f"   failed: {type(e).__name__}: {str(e)[:300]}")
+        return None
+
+
+def bench(copy_tbs, bf16_tf, rows):
+    key = jax.random.key(1)
+    for name, (n, k) in NV_SHAPES.items():
+        if FLAGS.moe_only:
+            break
+        w = rand_nvfp4(key, n, k)
+        p = L.pack_nvfp4(w)
+        wb = quant.dequantize(w, jnp.bfloat16)
+        ws, ps, wbs = copies(w, nv_bytes(n, k)), copies(p, nv_bytes(n, k)), copies(wb, 2 * n * k, 8)
+        for m in MS:
+            if time.time() - T0 > BUDGET:
+                return
+            x = jax.random.normal(key, (m, k), jnp.bfloat16)
+            it = 15 if m <= 1024 else 5
+            fl = 2 * m * n * k
+            meths = [("ours", nv_ours(tuned("nv", name, m)), [(x, q) for q in ps], nv_bytes(n, k)),
+                     ("xla dequant+dot", nv_xla, [(x, q) for q in ws], nv_bytes(n, k)),
+                     ("bf16 jnp.dot", bf16_dot, [(x, q) for q in wbs], 2 * n * k)]
+            for meth, fn, sets, nb in meths[:1] if FLAGS.no_baselines else meths:
+                t = safe(median_ms, fn, sets, it)
+                if t:
+                    row(rows, "nvfp4", name, m, meth, t, nb, fl, copy_tbs, bf16_tf)
+    for name, (n, k) in FP8_SHAPES.items():
+        if FLAGS.skip_fp8 or FLAGS.moe_only:
+            break
+        w = rand_fp8(key, n, k)
+        wb = quant.dequantize(w, jnp.bfloat16)
+        ws, wbs = copies(w, n * k), copies(wb, 2 * n * k, 8)
+        for m in MS:
+            if time.time() - T0 > BUDGET:
+                return
+            x = jax.random.normal(key, (m, k), jnp.bfloat16)
+            it = 15 if m <= 1024 else 5
+            fl = 2 * m * n * k
+            meths = [("ours", fp8_ours(tuned("fp8", name, m)), ws, n * k), ("xla dequant+dot", fp8_xla_dequant, ws, n * k),
+                     ("bf16 jnp.dot", bf16_dot, wbs, 2 * n * k)]
+            if m <= 64:
+                meths.insert(1, ("xla scale-folded", fp8_xla_form, ws, n * k))
+            for meth, fn, wl, nb in meths:
+                t = safe(median_ms, fn, [(x, q) for q in wl], it)
+                if t:
+                    row(rows, "fp8", name, m, meth, t, nb, fl, copy_tbs, bf16_tf)
+    ws = [rand_nvfp4(jax.random.key(i), E, n, k) for i, (n, k) in enumerate(((I, D), (D, I), (I, D)))]
+    ps = [L.pack_nvfp4(w) for w in ws]
+    wts = [quant.dequantize(w, jnp.bfloat16).transpose(0, 2, 1) for w in ws]
+    for t_tok in sorted({*MS, 8192}):
+        if FLAGS.moe_only and t_tok < 16:
+            continue
+        if time.time() - T0 > BUDGET:
+            return
+        pairs = t_tok * TOPK
+        experts = min(E, pairs)
+        nb = experts * 3 * nv_bytes(I, D)
+        fl = 2 * pairs * 3 * D * I
+        args = [(jax.random.normal(jax.random.key(j), (t_tok, D), jnp.bfloat16),
+                 *routing(jax.random.key(100 + j), t_tok)) for j in range(4)]
+        it = 10 if t_tok <= 1024 else 3
+        t = safe(median_ms, moe_ours(tuned("moe", "", t_tok)), [(*a, *ps) for a in args], it)
+        if t:
+            row(rows, "moe", "256 experts top-6", t_tok, "ours", t, nb, fl, copy_tbs, bf16_tf)
+        if not FLAGS.moe_only and (t_tok == 8192 or (not FLAGS.no_baselines and 64 <= t_tok <= 4096)):
+            t = safe(median_ms, moe_ragged, [(*args[0], *wts)], 2 if t_tok >= 4096 else 3)
+            if t:
+                row(rows, "moe", "256 experts top-6", t_tok, "lax.ragged_dot (bf16)", t, 2 * E * 3 * D * I, fl,
+                    copy_tbs, bf16_tf)
+        if pairs >= E and not FLAGS.moe_only and (t_tok == 8192 or not FLAGS.no_baselines):
+            xg = jax.random.normal(key, (E, pairs // E, D), jnp.bfloat16)
+            t = safe(median_ms, moe_einsum, [(xg, *wts)], it)
+            if t:
+                row(rows, "moe", "256 experts top-6", t_tok, "batched einsum (bf16)", t, 2 * E * 3 * D * I, fl,
+                    copy_tbs, bf16_tf)
+
+
+def main():
+    global BUDGET
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--budget", type=float, default=480.0)
+    ap.add_argument("--skip-fp8", action="store_true")
+    ap.add_argument("--no-baselines", action="store_true", help="dense NVFP4 and MoE: only ours (+ MoE at 8192)")
+    ap.add_argument("--moe-only", action="store_true", help="only our grouped MoE, T >= 16")
+    ap.add_argument("--int-decode", action="store_true", help="also tune the portable integer decoder")
+    args = ap.parse_args()
+    FLAGS.__dict__.update(vars(args))
+    BUDGET = args.budget
+    dev = jax.devices()[0]
+    log(f"{dev.device_kind}, jax {jax.__version__}, {datetime.date.today()}, python {sys.version.split()[0]}")
+    copy_tbs, bf16_tf = ceilings()
+    log(f"ceilings: copy {copy_tbs:.2f} TB/s (read+write), bf16 8192^3 jnp.dot {bf16_tf:.0f} TFLOP/s")
+    results = {"device": dev.device_kind, "jax": jax.__version__, "copy_tbs": copy_tbs, "bf16_tflops": bf16_tf}
+    if args.tune:
+        tune(results)
+        TUNED.update({k: v for k, v in results.items() if "|" in k})
+        with open(os.path.join(args.out, "tune.json"), "w") as f:
+            json.dump(results, f, indent=1, default=str)
+    rows = []
+    if not args.skip_bench:
+        bench(copy_tbs, bf16_tf, rows)
+        with open(os.path.join(args.out, "bench.json"), "w") as f:
+            json.dump({**results, "rows": rows}, f, indent=1)
+        log("\n| kind | shape | M | method | us | TB/s | TFLOP/s | % copy | % bf16 |")
+        log("|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            log(f"| {r['kind']} | {r['shape']} | {r['m']} | {r['method']} | {r['us']:.1f} | {r['tbs']:.2f} | "
+                f"{r['tflops']:.1f} | {r['pct_copy']:.0f} | {r['pct_bf16']:.0f} |")
+
+
+BUDGET = 480.0
+FLAGS = argparse.Namespace(skip_fp8=False, no_baselines=False, int_decode=False, moe_only=False)
+
+if __name__ == "__main__":
+    main()

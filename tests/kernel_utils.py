@@ -1,0 +1,36 @@
+"""Shared helpers of the kernel tests: fresh random NVFP4 / FP8 weights and the error measure."""
+
+import jax.numpy as jnp
+import numpy as np
+
+from dsv4_jax import quant
+
+
+def rng(seed=None):
+    return np.random.default_rng(seed)
+
+
+def nvfp4(r, *shape, input_scale=1.0):
+    """Random NVFP4 weight ``[*shape]`` (lead dims = experts) with per-matrix global scales."""
+    w = r.standard_normal(shape).astype(np.float32) * r.uniform(0.01, 2.0)
+    return quant.quantize_nvfp4(jnp.asarray(w), input_scale=jnp.full(shape[:-2], input_scale, jnp.float32))
+
+
+def fp8(r, n, k):
+    return quant.quantize_fp8_block(jnp.asarray(r.standard_normal((n, k)).astype(np.float32) * 0.05))
+
+
+def bf16(r, *shape, scale=1.0):
+    return jnp.asarray(r.standard_normal(shape) * scale, jnp.bfloat16)
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.isfinite(a).all(), "non-finite output"
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+# Kernels and references multiply the same exact bf16 weights with fp32 accumulation in a different order:
+# fp32 results agree to ~1e-6 relative; bf16 results to one bf16 rounding (2^-8 relative per element).
+F32_TOL = 1e-5
+BF16_TOL = 2.0**-8

@@ -1,0 +1,153 @@
+"""Incremental decoding (ARCHITECTURE.md §10) against the whole-sequence forward pass, sampling, and the
+refusal of impossible requests."""
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+
+import dsv4_jax as d
+from dsv4_jax.cache import init_cache
+from dsv4_jax.generation import decode_step, generate, generate_stream, prefill
+from dsv4_jax.sampling import SamplingParams, filter_logits
+
+# CSA ratio 4, HCA ratio 16, window 8: 40+ tokens cross many CSA blocks, two HCA blocks and the window wrap.
+C = d.tiny(hca_ratio=16, sliding_window=8, index_topk=5)
+MODEL = d.random_model(C, seed=0, dtype="float32")
+T = 44
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.fixture(scope="module")
+def tokens_and_full():
+    tokens = np.random.default_rng(1).integers(0, C.vocab_size, (2, T))
+    return tokens, np.asarray(d.forward(MODEL, tokens))
+
+
+@pytest.mark.parametrize("n0", [2, 15, 31])
+def test_prefill_then_decode_equals_forward(tokens_and_full, n0):
+    """prefill(n0) + decode to T equals forward(T) at every step, relative error < 1e-4: prompts shorter than
+    one CSA block (2), crossing CSA/HCA boundaries (15 -> 16, 31 -> 32) and the window wrap-around."""
+    tokens, full = tokens_and_full
+    logits, cache = prefill(MODEL, tokens[:, :n0], max_len=T)
+    assert logits.shape == (2, n0, C.vocab_size)
+    assert _rel(logits, full[:, :n0]) < 1e-4
+    for i in range(n0, T):
+        step, cache = decode_step(MODEL, tokens[:, i], cache)
+        assert step.shape == (2, C.vocab_size)
+        assert _rel(step, full[:, i]) < 1e-4, i
+    np.testing.assert_array_equal(np.asarray(cache.pos), [T, T])
+
+
+def test_chunked_prefill_equals_forward(tokens_and_full):
+    tokens, full = tokens_and_full
+    logits, _ = prefill(MODEL, tokens, max_len=T, chunk=7)  # chunks end mid-block everywhere
+    assert _rel(logits, full) < 1e-4
+
+
+def test_batch_of_different_lengths(tokens_and_full):
+    """Each row of a mixed-length batch decodes as if it were alone."""
+    tokens, full = tokens_and_full
+    lengths = np.array([5, 17])
+    logits, cache = prefill(MODEL, tokens, max_len=T, lengths=lengths, last_only=True)
+    assert _rel(logits[0], full[0, 4]) < 1e-4 and _rel(logits[1], full[1, 16]) < 1e-4
+    for k in range(10):
+        step, cache = decode_step(MODEL, tokens[np.arange(2), lengths + k], cache)
+        for b in range(2):
+            assert _rel(step[b], full[b, lengths[b] + k]) < 1e-4, (b, k)
+
+
+def test_bf16_decode_tracks_prefill(tokens_and_full):
+    """In bf16 the cached path follows the same computation: decode and a bf16 forward agree closely at
+    most steps (routing/top-k flips allowed at a few)."""
+    tokens, _ = tokens_and_full
+    model = MODEL.with_dtype("bfloat16")
+    full = np.asarray(d.forward(model, tokens[:1]))
+    _, cache = prefill(model, tokens[:1, :20], max_len=T)
+    errs = []
+    for i in range(20, T):
+        step, cache = decode_step(model, tokens[:1, i], cache)
+        errs.append(_rel(step[0], full[0, i]))
+    assert np.median(errs) < 0.05  # bf16 rounding of different kernel shapes, as in test_model
+
+
+def test_second_request_is_independent():
+    """A request after another one in the same process gives the same result as a fresh one: every request
+    starts from a fresh cache (no stale compressor state, ARCHITECTURE.md §10.2)."""
+    rng = np.random.default_rng(2)
+    a, b = (list(rng.integers(0, C.vocab_size, n)) for n in (23, 3))
+    first = generate(MODEL, [b], max_new_tokens=6)
+    generate(MODEL, [a], max_new_tokens=6)
+    assert generate(MODEL, [b], max_new_tokens=6) == first
+
+
+def test_greedy_generation_follows_forward():
+    prompt = list(np.random.default_rng(3).integers(0, C.vocab_size, 9))
+    out = generate(MODEL, [prompt], max_new_tokens=8, ignore_eos=True)[0]
+    assert len(out) == 8
+    seq = list(prompt)
+    for tok in out:
+        assert tok == int(np.argmax(np.asarray(d.forward(MODEL, np.array([seq])))[0, -1]))
+        seq.append(tok)
+
+
+def test_stops_on_eos_and_stop_tokens():
+    prompt = list(np.random.default_rng(4).integers(0, C.vocab_size, 6))
+    free = generate(MODEL, [prompt], max_new_tokens=10, ignore_eos=True)[0]
+    stop = free[3]
+    cut = generate(MODEL, [prompt], max_new_tokens=10, ignore_eos=True, stop_token_ids=(stop,))[0]
+    assert cut == free[: free.index(stop) + 1]
+    steps = list(generate_stream(MODEL, [prompt, prompt[:4]], max_new_tokens=5, ignore_eos=True))
+    assert len(steps) == 5 and all(len(s) == 2 for s in steps)
+
+
+def test_sampling_filters():
+    logits = jnp.asarray(np.random.default_rng(5).standard_normal((3, 50)), jnp.float32)
+    k = np.asarray(filter_logits(logits, 1.0, 5, 1.0))
+    assert (np.isfinite(k).sum(-1) == 5).all()
+    p = np.asarray(filter_logits(logits, 1.0, 0, 0.5))
+    probs = np.asarray(jax.nn.softmax(logits, -1))
+    for r in range(3):
+        kept = np.isfinite(p[r])
+        assert probs[r][kept].sum() >= 0.5 and probs[r][kept].min() >= probs[r][~kept].max()
+        assert probs[r][kept].sum() - probs[r][kept].min() < 0.5  # minimal set
+    # Sampling with a seed is reproducible and only draws allowed tokens.
+    a = generate(MODEL, [[5, 6, 7]], max_new_tokens=6, temperature=1.0, top_k=3, seed=7, ignore_eos=True)
+    b = generate(MODEL, [[5, 6, 7]], max_new_tokens=6, temperature=1.0, top_k=3, seed=7, ignore_eos=True)
+    assert a == b
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_k=-2), "top_k"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(max_new_tokens=10, max_len=12), "exceeds max_len"),
+    (dict(max_new_tokens=2000), "context"),
+])
+def test_bad_requests_are_refused_before_work(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        generate(MODEL, [[1, 2, 3, 4, 5]], **kwargs)
+
+
+def test_prompt_longer_than_cache_is_refused():
+    with pytest.raises(ValueError, match="does not fit"):
+        prefill(MODEL, np.ones((1, 10), np.int32), max_len=8)
+    _, cache = prefill(MODEL, np.ones((1, 4), np.int32), max_len=5)
+    _, cache = decode_step(MODEL, [3], cache)
+    with pytest.raises(ValueError, match="cache is full"):
+        decode_step(MODEL, [3], cache)
+
+
+def test_cache_memory_for_flash_at_1m():
+    """ARCHITECTURE.md §10.4: bytes per token of the bf16 reference layout at 1M context (6880 B/token)."""
+    from dsv4_jax.cache import bytes_per_token
+
+    assert bytes_per_token(d.FLASH) == 21 * (1024 + 256) / 4 + 20 * 1024 / 128
+    shapes = jax.eval_shape(lambda: init_cache(d.FLASH, 1, 2**20, jnp.bfloat16))
+    total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+    assert abs(total / 2**20 - 6880) / 6880 < 0.01  # rows dominate; window and state are constant
