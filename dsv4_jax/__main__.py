@@ -38,8 +38,8 @@ def ensure_tiny_checkpoint() -> Path:
 
 def _sample(args) -> int:
     from . import SamplingParams, encode_chat, load_model, load_tokenizer
-    from .tokenizer import Detokenizer
     from .generation import generate_stream
+    from .tokenizer import Detokenizer
 
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop_strings=tuple(args.stop or ()),

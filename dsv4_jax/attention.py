@@ -67,7 +67,7 @@ def attend(q: jax.Array, win: jax.Array, win_mask: jax.Array, rows: jax.Array | 
 
 def output_projection(p: Attention, o: jax.Array, config: Config, dtype) -> jax.Array:
     """§5.5: grouped low-rank projection, ``[B, T, H, d]`` -> ``[B, T, D]``."""
-    b, t = o.shape[:2]
+    b = o.shape[0]
     g = config.o_groups
     og = rearrange(o, "b t (g h) d -> (b t) g (h d)", g=g).astype(dtype)
     wa = rearrange(quant.dequantize(p.wo_a, dtype), "(g r) c -> g r c", g=g)
@@ -92,7 +92,7 @@ def window_keys(kv: jax.Array, ring: jax.Array, positions: jax.Array, pos0: jax.
 
 def ring_write(ring: jax.Array, kv: jax.Array, pos0: jax.Array, n: jax.Array) -> jax.Array:
     """Write the newest of the chunk's ``n[b]`` valid rows ``kv [B, T, d]`` into their slots ``p mod W``."""
-    b, w, _ = ring.shape
+    w = ring.shape[1]
     t = kv.shape[1]
     last = pos0 + n - 1
     q = last[:, None] - jnp.remainder(last[:, None] - jnp.arange(w), w)  # newest position per slot

@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 
 from . import quant
+from .cache import CompressorState
 from .config import Config
 from .norm import rms_norm
-from .cache import CompressorState
 from .params import Compressor
 from .rope import apply_rope, rope_frequencies
 
@@ -34,7 +34,7 @@ def pool(a: jax.Array, s: jax.Array, overlap: bool, prev_a=None, prev_s=None) ->
     block 0 (absent: weight 0, as at the start of a sequence)."""
     if not overlap:
         return jnp.sum(jax.nn.softmax(s, axis=2) * a, axis=2)
-    b, n, m, w = a.shape
+    b, _, m, w = a.shape
     dc = w // 2
     if prev_a is None:
         prev_a = jnp.zeros((b, m, dc), a.dtype)

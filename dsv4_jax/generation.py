@@ -138,11 +138,10 @@ def _prepare(model: Model, prompts, params: SamplingParams, tokenizer, max_len):
         raise TypeError("prompts must be a list of prompts (token-id lists or strings)")
     if not len(prompts):
         raise ValueError("no prompts given")
-    if any(isinstance(p, str) for p in prompts) or params.stop_strings:
-        if tokenizer is None:
-            from .tokenizer import load_tokenizer
+    if (any(isinstance(p, str) for p in prompts) or params.stop_strings) and tokenizer is None:
+        from .tokenizer import load_tokenizer
 
-            tokenizer = load_tokenizer()
+        tokenizer = load_tokenizer()
     ids = [tokenizer.encode(p) if isinstance(p, str) else [int(x) for x in p] for p in prompts]
     if any(len(p) == 0 for p in ids):
         raise ValueError("empty prompt")

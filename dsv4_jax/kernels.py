@@ -36,7 +36,6 @@ from .config import Config
 from .params import Experts
 from .quant import Weight
 
-
 ENABLED = True
 """Set to False (then ``jax.clear_caches()``) to run the pure-JAX references on a GPU too, e.g. to compare."""
 

@@ -17,7 +17,6 @@ applies to the fp32 accumulator.
 from __future__ import annotations
 
 import dataclasses
-from typing import Union
 
 import jax
 import jax.numpy as jnp
@@ -82,7 +81,7 @@ class Mxfp4:
         return (*self.weight.shape[:-1], 2 * self.weight.shape[-1])
 
 
-Weight = Union[jax.Array, Fp8Block, Nvfp4, Mxfp4]
+Weight = jax.Array | Fp8Block | Nvfp4 | Mxfp4
 QUANTIZED = (Fp8Block, Nvfp4, Mxfp4)
 
 

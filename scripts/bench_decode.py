@@ -72,7 +72,7 @@ def main():
     dev = jax.devices()[0]
     print(f"# {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}, dtype {args.dtype}, batch {args.batch}, "
           f"prompt {args.prompt}")
-    print(f"| model | parameters | prefill tokens/s | decode tokens/s | decode step (ms) |")
+    print("| model | parameters | prefill tokens/s | decode tokens/s | decode step (ms) |")
     print("|---|---|---|---|---|")
     for name in args.models:
         r = bench(name, MODELS[name], args)

@@ -7,9 +7,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from test_quant import fp4_sim_ref, fp8_sim_ref, sylvester
 
 from dsv4_jax.quant import dequantize_full
-from test_quant import fp4_sim_ref, fp8_sim_ref, sylvester
 
 
 def W(x) -> np.ndarray:

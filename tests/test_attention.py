@@ -2,14 +2,14 @@
 spec (tests/spec_reference.py: the compressor as the token-by-token state machine of ARCHITECTURE.md §10.2,
 attention query by query over the key set of §5.3)."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
-import jax.numpy as jnp
+import spec_reference as ref
 
 import dsv4_jax as d
 from dsv4_jax import attention, compressor, indexer
 from dsv4_jax.cache import init_cache
-import spec_reference as ref
 
 C = d.tiny(hca_ratio=16, sliding_window=8, index_topk=5)
 MODEL = d.random_model(C, seed=0, dtype="float32")

@@ -1,15 +1,15 @@
 """Incremental decoding (ARCHITECTURE.md §10) against the whole-sequence forward pass, sampling, and the
 refusal of impossible requests."""
 
-import numpy as np
-import pytest
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 import dsv4_jax as d
 from dsv4_jax.cache import init_cache
 from dsv4_jax.generation import decode_step, generate, generate_stream, prefill
-from dsv4_jax.sampling import SamplingParams, filter_logits
+from dsv4_jax.sampling import filter_logits
 
 # CSA ratio 4, HCA ratio 16, window 8: 40+ tokens cross many CSA blocks, two HCA blocks and the window wrap.
 C = d.tiny(hca_ratio=16, sliding_window=8, index_topk=5)

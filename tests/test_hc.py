@@ -1,7 +1,7 @@
 """Manifold-constrained hyper-connections (ARCHITECTURE.md §4)."""
 
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 
 import dsv4_jax as d
 from dsv4_jax.hc import hc_head, hc_post, hc_pre, sinkhorn
@@ -38,7 +38,7 @@ def test_pre_post_follow_the_formulas():
     x, post, comb = hc_pre(jnp.asarray(h), jnp.asarray(fn), jnp.asarray(scale), jnp.asarray(base), C)
     flat = h.reshape(2, 3, -1).astype(np.float64)
     mu = flat @ fn.T / np.sqrt((flat**2).mean(-1, keepdims=True) + 1e-6)
-    sig = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+    sig = lambda v: 1 / (1 + np.exp(-v))
     pre = sig(mu[..., :n] * scale[0] + base[:n]) + 1e-6
     np.testing.assert_allclose(np.asarray(post), 2 * sig(mu[..., n:2 * n] * scale[1] + base[n:2 * n]), rtol=1e-5)
     m0 = (mu[..., 2 * n:] * scale[2] + base[2 * n:]).reshape(2, 3, n, n)

@@ -6,9 +6,9 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from hf_reference import block_state_dict, hf_like, hf_model
 
 import dsv4_jax as d
-from hf_reference import block_state_dict, hf_like, hf_model
 
 CONFIGS = {
     # Flash's structure in miniature: SWA, SWA, CSA, HCA(16), CSA; 2 hash layers; YaRN ramp active.
@@ -142,9 +142,8 @@ def test_bfloat16_tracks_float32():
 def test_mtp_matches_transformers_block():
     """The MTP head (ARCHITECTURE.md §9.2) against a composition of transformers' own pieces: its decoder-layer
     class (SWA attention, score-routed MoE) and hyper-connection head, with e_proj / h_proj as plain matmuls."""
-    from transformers.models.deepseek_v4 import modeling_deepseek_v4 as hfm
-
     from hf_reference import _t, hf_config
+    from transformers.models.deepseek_v4 import modeling_deepseek_v4 as hfm
 
     config, _ = CONFIGS["tiny"]
     model = hf_like(d.random_model(config, seed=13))

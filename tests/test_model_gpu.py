@@ -2,9 +2,9 @@
 ARCHITECTURE.md's model at 2K+ tokens, and decode after prefill with the kernels. Run on a GPU machine:
 ``JAX_PLATFORMS=cuda python -m pytest -m gpu tests/test_model_gpu.py``."""
 
+import jax
 import numpy as np
 import pytest
-import jax
 
 import dsv4_jax as d
 from dsv4_jax import kernels

@@ -2,9 +2,9 @@
 
 import dataclasses
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import dsv4_jax as d
 from dsv4_jax import moe, quant

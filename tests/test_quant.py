@@ -1,11 +1,11 @@
 """Number formats against their definitions (exhaustively), and the activation simulations against the
 spec's rounding rules (ARCHITECTURE.md §2.3, CHECKPOINT.md §2)."""
 
+import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-import jax
-import jax.numpy as jnp
 
 from dsv4_jax import quant
 

@@ -1,7 +1,7 @@
 """RoPE and YaRN (ARCHITECTURE.md §2.2)."""
 
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 
 import dsv4_jax as d
 from dsv4_jax.rope import apply_rope, rope_frequencies
