@@ -16,15 +16,10 @@ import jax
 import jax.numpy as jnp
 
 from .config import Config
+from .pytree import pytree_dataclass
 
 
-def _pytree(cls):
-    cls = dataclasses.dataclass(frozen=True)(cls)
-    return jax.tree_util.register_dataclass(cls, data_fields=[f.name for f in dataclasses.fields(cls)],
-                                            meta_fields=[])
-
-
-@_pytree
+@pytree_dataclass
 class CompressorState:
     """§10.2. ``pend_a, pend_s [B, m, c*d_c]`` fp32: slot j holds the (A, S) of the token at position
     ``block*m + j`` of the open block (slots at or after ``pos mod m`` are stale). Overlapping compressors add
@@ -37,7 +32,7 @@ class CompressorState:
     prev_s: jax.Array | None = None
 
 
-@_pytree
+@pytree_dataclass
 class LayerCache:
     window: jax.Array  # [B, W, d] ring of raw KV rows, slot = position mod W
     rows: jax.Array | None = None  # [B, ceil(max_len/m), d] compressed rows

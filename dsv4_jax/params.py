@@ -19,16 +19,11 @@ import numpy as np
 
 from . import quant
 from .config import Config
+from .pytree import pytree_dataclass
 from .quant import Weight
 
 
-def _pytree(cls):
-    cls = dataclasses.dataclass(frozen=True)(cls)
-    return jax.tree_util.register_dataclass(cls, data_fields=[f.name for f in dataclasses.fields(cls)],
-                                            meta_fields=[])
-
-
-@_pytree
+@pytree_dataclass
 class Compressor:
     """KV compressor (§6.1): ``c = 2`` for overlapping (ratio 4) compressors, else 1; ``d_c`` row width."""
 
@@ -38,7 +33,7 @@ class Compressor:
     norm: jax.Array  # [d_c] bf16
 
 
-@_pytree
+@pytree_dataclass
 class Indexer:
     """Lightning Indexer (§7.1)."""
 
@@ -47,7 +42,7 @@ class Indexer:
     compressor: Compressor  # d_c = d_I, overlapping
 
 
-@_pytree
+@pytree_dataclass
 class Attention:
     """Attention (§5): low-rank queries, one shared K=V latent, sinks, grouped output projection."""
 
@@ -63,7 +58,7 @@ class Attention:
     indexer: Indexer | None = None  # CSA layers
 
 
-@_pytree
+@pytree_dataclass
 class Experts:
     """SwiGLU experts; routed: stacked ``[E, ...]``."""
 
@@ -72,7 +67,7 @@ class Experts:
     w3: Weight  # up   [(E,) I, D]
 
 
-@_pytree
+@pytree_dataclass
 class MoE:
     """Router, routed experts and the shared expert (§8)."""
 
@@ -83,7 +78,7 @@ class MoE:
     shared: Experts
 
 
-@_pytree
+@pytree_dataclass
 class Block:
     """One decoder block (§3): mHC around attention and MoE."""
 
@@ -99,7 +94,7 @@ class Block:
     ffn: MoE
 
 
-@_pytree
+@pytree_dataclass
 class Mtp:
     """Multi-token-prediction block (§9.2); shares ``embed`` and ``head`` with the main model."""
 
@@ -114,7 +109,7 @@ class Mtp:
     norm: jax.Array  # [D]
 
 
-@_pytree
+@pytree_dataclass
 class Params:
     embed: jax.Array  # [V, D] bf16
     layers: tuple[Block, ...]

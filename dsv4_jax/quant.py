@@ -16,12 +16,12 @@ applies to the fp32 accumulator.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+
+from .pytree import pytree_dataclass
 
 FP8_BLOCK = 128
 NVFP4_BLOCK = 16
@@ -33,14 +33,9 @@ E2M1_MAX = 6.0
 E2M1_VALUES = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
 
 
-def _pytree(cls):
-    """A frozen dataclass registered as a pytree whose fields are all arrays."""
-    cls = dataclasses.dataclass(frozen=True)(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    return jax.tree_util.register_dataclass(cls, data_fields=names, meta_fields=[])
 
 
-@_pytree
+@pytree_dataclass
 class Fp8Block:
     """FP8 e4m3 weight with 128x128 power-of-two block scales. ``weight [..., out, in]`` float8_e4m3fn,
     ``scale [..., ceil(out/128), ceil(in/128)]`` float8_e8m0fnu."""
@@ -53,7 +48,7 @@ class Fp8Block:
         return tuple(self.weight.shape)
 
 
-@_pytree
+@pytree_dataclass
 class Nvfp4:
     """ModelOpt NVFP4. ``weight [..., out, in/2]`` uint8 (two E2M1 codes, low nibble = even input),
     ``weight_scale [..., out, in/16]`` float8_e4m3fn, ``weight_scale_2 [...]`` and ``input_scale [...]`` fp32."""
@@ -68,7 +63,7 @@ class Nvfp4:
         return (*self.weight.shape[:-1], 2 * self.weight.shape[-1])
 
 
-@_pytree
+@pytree_dataclass
 class Mxfp4:
     """MXFP4 (DeepSeek's native routed experts). ``weight [..., out, in/2]`` uint8, ``scale [..., out, in/32]``
     float8_e8m0fnu."""

@@ -60,17 +60,12 @@ def default_config(t: int, h: int, r: int, batch: int) -> AttnConfig:
 
 
 def window_keys(kv: jax.Array, ring: jax.Array, pos0: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The dense window of each query (as ``dsv4_jax.attention``): ``win [B, T, W, d]`` oldest first and
-    ``win_mask [B, T, W]``."""
-    b, t, _ = kv.shape
-    w = ring.shape[1]
-    positions = pos0[:, None] + jnp.arange(t)
-    kpos = positions[..., None] - (w - 1) + jnp.arange(w)
-    in_chunk = kpos >= pos0[:, None, None]
-    chunk_rows = jnp.take_along_axis(kv, jnp.clip(kpos - pos0[:, None, None], 0, t - 1).reshape(b, -1, 1), axis=1)
-    ring_rows = jnp.take_along_axis(ring.astype(kv.dtype), jnp.remainder(kpos, w).reshape(b, -1, 1), axis=1)
-    win = jnp.where(in_chunk[..., None], chunk_rows.reshape(b, t, w, -1), ring_rows.reshape(b, t, w, -1))
-    return win, kpos >= 0
+    """The dense window of each query, as ``dsv4_jax.attention.window_keys``: ``win [B, T, W, d]`` oldest first
+    and ``win_mask [B, T, W]``."""
+    from dsv4_jax.attention import window_keys as keys  # the model imports this package
+
+    positions = pos0[:, None] + jnp.arange(kv.shape[1])
+    return keys(kv, ring, positions, pos0, ring.shape[1])
 
 
 def row_visibility(pos0: jax.Array, t: int, r: int, ratio: int, count: jax.Array | None,
