@@ -60,6 +60,9 @@ def _sample(args) -> int:
         text = encode_chat(messages, thinking=args.thinking)
     ids = tokenizer.encode(text)
     model = load_model(path, dtype=args.dtype, progress=not args.quiet)
+    if ids and max(ids) >= model.config.vocab_size:
+        raise ValueError(f"the prompt has token ids up to {max(ids)} but the model's vocabulary has "
+                         f"{model.config.vocab_size} entries: put the matching tokenizer.json in {path}")
     if tiny:
         print("note: these are the weights of a tiny RANDOM model (the embedded default): the output is noise.\n"
               "      Pass --checkpoint DIR for real weights.", file=sys.stderr)

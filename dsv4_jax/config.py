@@ -99,7 +99,13 @@ class Config:
     # --- reading -----------------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> Config:
-        """Build from a Hugging Face ``config.json`` dictionary (unknown keys are ignored)."""
+        """Build from a ``config.json`` dictionary (unknown keys are ignored): DeepSeek's keys as in the released
+        checkpoints, or the schema transformers writes (``layer_types`` / ``mlp_layer_types`` / ``compress_rates``
+        / ``rope_parameters``; no MTP layer)."""
+        if "layer_types" in d and "compress_ratios" not in d:
+            from .weights import config_from_hf
+
+            return config_from_hf(d, source)
         kwargs: dict[str, Any] = {}
         missing = [f.name for f in dataclasses.fields(cls) if f.name not in d and f.name not in _OPTIONAL]
         if missing:

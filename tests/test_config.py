@@ -82,3 +82,16 @@ def test_tiny_has_flash_structure():
     assert types[:2] == ["swa", "swa"] and "csa" in types and "hca" in types
     assert c.num_hash_layers >= 1 and c.num_hash_layers < c.num_hidden_layers
     assert c.num_nextn_predict_layers == 1 and c.layer_type(c.num_hidden_layers) == "swa"
+
+
+def test_transformers_config_schema_is_read():
+    """transformers folds compress_ratios / num_hash_layers / qk_rope_head_dim / rope_scaling into layer_types,
+    mlp_layer_types, partial_rotary_factor and rope_parameters; such a config.json reads to the same model
+    (without the MTP layer, which transformers does not have)."""
+    import dataclasses
+
+    from hf_reference import hf_config
+
+    c = d.tiny(hca_ratio=32, num_hash_layers=1)
+    got = d.Config.from_dict(hf_config(c).to_dict())
+    assert got == dataclasses.replace(c, num_nextn_predict_layers=0, compress_ratios=c.compress_ratios[:-1])

@@ -151,3 +151,18 @@ def test_cache_memory_for_flash_at_1m():
     shapes = jax.eval_shape(lambda: init_cache(d.FLASH, 1, 2**20, jnp.bfloat16))
     total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
     assert abs(total / 2**20 - 6880) / 6880 < 0.01  # rows dominate; window and state are constant
+
+
+def test_cli_samples_and_refuses_bad_requests(tmp_path, capsys, monkeypatch):
+    """`dsv4-jax sample` streams text from a checkpoint and prints the summary line; bad requests exit 2."""
+    from dsv4_jax.__main__ import main
+
+    ckpt = tmp_path / "ckpt"
+    d.save_checkpoint(d.random_model(d.tiny(vocab_size=129280), seed=1), ckpt)
+    assert main(["sample", "--checkpoint", str(ckpt), "--max-new-tokens", "3", "--quiet", "--ignore-eos"]) == 0
+    err = capsys.readouterr().err
+    assert "generated 3 tokens" in err and "time to first token" in err
+    assert main(["sample", "--checkpoint", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["sample", "--checkpoint", str(ckpt), "--top-p", "0"]) == 2
+    assert "top_p" in capsys.readouterr().err
