@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .cache import Cache, init_cache
-from .model import Model, _head, run_blocks
+from .model import Model, _head, run_blocks, token_matrix
 from .sampling import SamplingParams, sample
 
 
@@ -35,13 +35,12 @@ def _step(model: Model, cache: Cache, tokens: jax.Array, n: jax.Array, last_only
     return logits, new
 
 
-def _as_tokens(tokens) -> np.ndarray:
-    a = np.asarray(tokens)
-    if a.ndim != 2:
-        raise ValueError(f"tokens must be [batch, time], got shape {a.shape}")
-    if not np.issubdtype(a.dtype, np.integer):
-        raise TypeError(f"tokens must be integers, got {a.dtype}")
-    return a.astype(np.int32)
+def _as_tokens(model: Model, tokens) -> np.ndarray:
+    """Host int32 ``[batch, time]`` token ids, each in the model's vocabulary."""
+    a = np.asarray(token_matrix(tokens)).astype(np.int32)
+    if a.size and (a.min() < 0 or a.max() >= model.config.vocab_size):
+        raise ValueError(f"token ids must be in [0, {model.config.vocab_size}), got [{a.min()}, {a.max()}]")
+    return a
 
 
 def prefill(model: Model, tokens, *, max_len: int, lengths=None, chunk: int = 512,
@@ -52,7 +51,7 @@ def prefill(model: Model, tokens, *, max_len: int, lengths=None, chunk: int = 51
     may mix lengths (positions beyond a row's length are ignored and their logits are 0). Long prompts are
     processed in chunks of ``chunk`` tokens (one compiled program per chunk shape). Returns float32 logits
     ``[B, T, V]`` (``[B, V]`` at each prompt's last token with ``last_only``) and the cache."""
-    tokens = _as_tokens(tokens)
+    tokens = _as_tokens(model, tokens)
     b, t = tokens.shape
     lengths = np.full((b,), t, np.int64) if lengths is None else np.asarray(lengths, np.int64).reshape(-1)
     if lengths.shape != (b,):
@@ -61,8 +60,6 @@ def prefill(model: Model, tokens, *, max_len: int, lengths=None, chunk: int = 51
         raise ValueError(f"every prompt needs between 1 and {t} tokens, got lengths {lengths.tolist()}")
     if lengths.max() > max_len:
         raise ValueError(f"a prompt of {int(lengths.max())} tokens does not fit in a cache of max_len = {max_len}")
-    if tokens.min() < 0 or tokens.max() >= model.config.vocab_size:
-        raise ValueError(f"token ids must be in [0, {model.config.vocab_size}), got [{tokens.min()}, {tokens.max()}]")
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     cache = init_cache(model.config, b, max_len, model.dtype)
@@ -92,12 +89,10 @@ def decode_step(model: Model, tokens, cache: Cache, *, active=None) -> tuple[jax
     consumed (donated)."""
     a = np.asarray(tokens)
     squeeze = a.ndim == 1
-    a = _as_tokens(a[:, None] if squeeze else a)
+    a = _as_tokens(model, a[:, None] if squeeze else a)
     if a.shape != (cache.batch, 1):
         raise ValueError(f"decode_step takes one token per sequence: shape ({cache.batch},) or ({cache.batch}, 1), "
                          f"got {np.asarray(tokens).shape}")
-    if a.min() < 0 or a.max() >= model.config.vocab_size:
-        raise ValueError(f"token ids must be in [0, {model.config.vocab_size})")
     n = np.ones((cache.batch,), np.int32) if active is None else np.asarray(active, bool).astype(np.int32)
     pos = np.asarray(cache.pos)
     if (pos + n).max() > cache.max_len:

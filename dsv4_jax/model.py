@@ -12,6 +12,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import kernels, quant
 from .attention import attention
@@ -80,16 +81,23 @@ def block(p: Block, h: jax.Array, tokens: jax.Array, cache: LayerCache, pos0: ja
     return hc_post(f, h, post, comb), cache
 
 
-def _check_tokens(model: Model, tokens) -> jax.Array:
-    tokens = jnp.asarray(tokens)
+def token_matrix(tokens):
+    """``tokens`` as an integer ``[batch, time]`` array (numpy or jax, as given; lists become numpy), or a clear
+    error. Shared by every public entry point that takes token ids."""
+    tokens = tokens if hasattr(tokens, "dtype") else np.asarray(tokens)
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [batch, time], got shape {tokens.shape}")
-    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+    if not np.issubdtype(tokens.dtype, np.integer):
         raise TypeError(f"tokens must be integers, got {tokens.dtype}")
+    return tokens
+
+
+def _check_tokens(model: Model, tokens) -> jax.Array:
+    tokens = token_matrix(tokens)
     if tokens.shape[1] > model.config.max_position_embeddings:
         raise ValueError(f"{tokens.shape[1]} tokens exceed max_position_embeddings = "
                          f"{model.config.max_position_embeddings}")
-    return tokens.astype(jnp.int32)
+    return jnp.asarray(tokens, jnp.int32)
 
 
 def _embed(model: Model, tokens: jax.Array) -> jax.Array:
