@@ -120,7 +120,7 @@ def attention(p: Attention, x: jax.Array, lc: LayerCache, pos0: jax.Array, n: ja
     kv = raw_kv(p, x, positions, freqs, config, dtype, qat=kv_qat)
     new = dataclasses.replace(lc, window=ring_write(lc.window, kv, pos0, n))
     use_kernels = kernels.attention_kernels(dtype)
-    rows = sel = None
+    rows = sel = None  # the kernel path's selection: ascending row indices [B, T, k]; the reference's: a mask
     if ratio:
         rows, state = comp.compress_step(p.compressor, lc.compressor, lc.rows, x, pos0, n, ratio, config, dtype,
                                          kind="main", qat=kv_qat)
@@ -135,8 +135,7 @@ def attention(p: Attention, x: jax.Array, lc: LayerCache, pos0: jax.Array, n: ja
             else:
                 sel = idx.select(idx.index_scores(iq, iw, irows, dtype), positions, ratio, config.index_topk)
     if use_kernels:
-        o = kernels.window_attention(q, kv, lc.window, pos0, rows, sel, p.attn_sink, ratio, dtype,
-                                     top_k=config.index_topk)
+        o = kernels.window_attention(q, kv, lc.window, pos0, rows, sel, p.attn_sink, ratio, dtype)
     else:
         win, win_mask = window_keys(kv, lc.window, positions, pos0, w)
         row_mask = None

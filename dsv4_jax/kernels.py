@@ -9,10 +9,11 @@
   time (exact and reversible: ``pallas_kernels.unpack_nvfp4``); a checkpoint-layout NVFP4 weight that reaches
   a kernel is repacked on the fly instead (correct, but one extra pass over the weight per call).
 
-* :func:`index_select` has the semantics of ``indexer.select(indexer.index_scores(...))`` and
+* :func:`index_select` has the semantics of ``indexer.select(indexer.index_scores(...))``, returning the
+  selected rows as ascending indices (``[B, T, top_k]``, -1 padding) rather than a ``[B, T, R]`` mask, and
   :func:`window_attention` those of ``attention.attend`` over the window and compressed rows that
-  ``attention.attention`` builds (Pallas-Triton on GPU in bf16: ``pallas_kernels.indexer_topk`` and
-  ``pallas_kernels.compressed_attention``).
+  ``attention.attention`` builds, gathering each token's selected rows (Pallas-Triton on GPU in bf16:
+  ``pallas_kernels.indexer_topk`` and ``pallas_kernels.compressed_attention``).
 
 ``interpret=True`` runs the kernels on any backend with Pallas' interpreter (tests); ``w4a4=True`` selects the
 Blackwell-numerics option (activations quantised to NVFP4 with the checkpoint's ``input_scale``).
@@ -105,34 +106,29 @@ def routed_experts(e: Experts, x: jax.Array, ids: jax.Array, w: jax.Array, confi
 
 def index_select(q: jax.Array, w: jax.Array, keys: jax.Array, pos0: jax.Array, ratio: int, top_k: int, dtype, *,
                  query_block: int = 2048, interpret: bool = False) -> jax.Array:
-    """``indexer.select(indexer.index_scores(q, w, keys, dtype), pos0[:, None] + arange(T), ratio, top_k)``:
-    bool ``[B, T, R]``. ``q [B, T, H_I, d_I]``, ``w [B, T, H_I]`` fp32, ``keys [B, R, d_I]``; prefill is
-    scored and selected ``query_block`` tokens at a time."""
+    """The rows of ``indexer.select(indexer.index_scores(q, w, keys, dtype), pos0[:, None] + arange(T), ratio,
+    top_k)`` as ascending indices padded with -1: int32 ``[B, T, top_k]``. ``q [B, T, H_I, d_I]``,
+    ``w [B, T, H_I]`` fp32, ``keys [B, R, d_I]``; prefill is scored and selected ``query_block`` tokens at a
+    time."""
     if _use_kernel(dtype, interpret):
         return indexer_topk.index_select(q, w, keys, pos0, ratio=ratio, top_k=top_k, query_block=query_block,
                                          interpret=interpret)
     positions = pos0[:, None] + jnp.arange(q.shape[1])
-    return indexer_topk.index_select_reference(q, w, keys, positions, ratio, top_k, dtype)
+    return indexer_topk.mask_to_indices(
+        indexer_topk.index_select_reference(q, w, keys, positions, ratio, top_k, dtype), top_k)
 
 
 def window_attention(q: jax.Array, kv: jax.Array, ring: jax.Array, pos0: jax.Array, rows: jax.Array | None,
-                     sel: jax.Array | None, sink: jax.Array, ratio: int, dtype, *, top_k: int | None = None,
+                     sel_idx: jax.Array | None, sink: jax.Array, ratio: int, dtype, *,
                      interpret: bool = False) -> jax.Array:
     """``attention.attend`` over each query's window (the chunk's ``kv [B, T, d]`` and, older, the ring
     ``[B, W, d]`` before the chunk) and the compressed rows ``rows [B, R, d]`` visible at its position
-    (``c < (i + 1) // ratio``, and ``sel [B, T, R]`` where given): ``q [B, T, H, d]`` -> ``[B, T, H, d]``.
-
-    On the kernel path a decode step (T = 1) with a selection gathers its ``top_k`` selected rows first, so
-    the kernel reads only those."""
+    (``c < (i + 1) // ratio``, and one of the CSA selection ``sel_idx [B, T, k]`` where given, as
+    :func:`index_select` returns it): ``q [B, T, H, d]`` -> ``[B, T, H, d]``. The kernel gathers each token's
+    selected rows (prefill and decode alike)."""
     if not _use_kernel(dtype, interpret):
+        sel = None if sel_idx is None else indexer_topk.indices_to_mask(sel_idx, rows.shape[1])
         return cattn.compressed_attention_reference(q, kv, ring, pos0, sink, rows, ratio=max(ratio, 1), sel=sel,
                                                     dtype=dtype)
-    if rows is not None and sel is not None and q.shape[1] == 1:
-        k = min(top_k or rows.shape[1], rows.shape[1])
-        idx = jax.vmap(lambda m: jnp.nonzero(m, size=k, fill_value=0)[0])(sel[:, 0])
-        gathered = jnp.take_along_axis(rows, idx[..., None], axis=1)
-        count = jnp.sum(sel[:, 0], axis=1, dtype=jnp.int32)
-        return cattn.compressed_attention(q, kv, ring, pos0, sink, gathered, ratio=1, count=count,
-                                          interpret=interpret)
-    return cattn.compressed_attention(q, kv, ring, pos0, sink, rows, ratio=max(ratio, 1), sel=sel,
+    return cattn.compressed_attention(q, kv, ring, pos0, sink, rows, ratio=max(ratio, 1), idx=sel_idx,
                                       interpret=interpret)

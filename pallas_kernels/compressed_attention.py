@@ -6,16 +6,19 @@ attends to
 * its raw window (positions ``i - W + 1 .. i``): the chunk's own KV rows ``kv [B, T, d]`` and, older, the
   ring ``ring [B, W, d]`` as it was before the chunk (slot = position mod W, §10.5);
 * compressed rows ``rows [B, R, d]``: row ``c`` is visible to the token at position ``i`` iff
-  ``c < min((i + 1) // ratio, count[b])`` and, where a selection ``sel [B, T, R]`` is given (CSA), it is
-  selected. Decode passes the CSA rows already gathered (``ratio = 1``, ``count`` = number selected).
+  ``c < min((i + 1) // ratio, count[b])`` and, where a selection ``idx [B, T, k]`` is given (CSA: the
+  indexer's top-k as ascending row indices, -1 = none), it is one of the token's ``idx``. With a selection the
+  kernel gathers each token's ``k`` rows (sparse mode: at H = 64 one program = one token's heads against its
+  own rows; with fewer heads a block's tokens gather together and each query sees its own token's rows);
+  without, it walks the rows in order up to the last one its tokens may see (dense mode).
 
 K = V is the one shared latent; all ``H`` heads of a token share its keys, so the kernel flattens the query
 rows ``(t, h)`` into the matmul's M axis (``q [B, T*H, d]``): a block of ``bm`` rows is ``bm // H`` tokens
 (or a slice of one token's heads when ``bm < H``). Each program walks its key blocks with an online softmax
 (fp32 scores and statistics, bf16 probabilities into P @ V, fp32 accumulator); the sink enters as the
 initial running maximum ``z_h`` with weight 1 (a virtual key of zero value). For long contexts the compressed
-rows are split over ``splits`` programs whose partial ``(acc, max, sum)`` are merged afterwards. Nothing of
-size ``T x T`` or ``T x R`` is built, except the CSA selection when it is given as a mask.
+rows (or selected indices) are split over ``splits`` programs whose partial ``(acc, max, sum)`` are merged
+afterwards. Nothing of size ``T x T`` or ``T x R`` is built.
 
 Numerics: the reference rounds the *normalised* probabilities to bf16; the kernel rounds the unnormalised
 ``exp(s - m_running)`` and divides in fp32 at the end, so the two agree to bf16 rounding (about 2^-8).
@@ -37,7 +40,8 @@ _NEG = -1e30  # finite "no key yet" maximum: keeps exp(m_old - m_new) free of in
 @dataclasses.dataclass(frozen=True)
 class AttnConfig:
     """Tiles of one launch: ``bm`` query rows (powers of two; ``bm % H == 0`` or ``H % bm == 0``), ``bk`` keys
-    per step, ``splits`` programs over the compressed rows."""
+    per step (with a selection and ``bm / H = bt`` tokens per block: ``max(16, bk / bt)`` indices of each),
+    ``splits`` programs over the compressed rows (or the selected indices)."""
 
     bm: int = 64
     bk: int = 64
@@ -46,17 +50,22 @@ class AttnConfig:
     num_stages: int = 2
 
 
-def default_config(t: int, h: int, r: int, batch: int) -> AttnConfig:
-    """Decode (``t == 1``): a slice of the heads per program and the rows split until ~2 programs per SM.
-    Prefill: 64 query rows, no split."""
+def default_config(t: int, h: int, r: int, batch: int, k: int = 0) -> AttnConfig:
+    """Decode (``t == 1``): 32 query rows (half the heads of a token at H = 64), 4 warps, and the rows (or the
+    ``k`` selected indices) split until ~2 programs per SM, at least 4 blocks per split over rows (the partial
+    accumulators are ``splits x H x d`` fp32). Prefill: 64 query rows (one token's heads at H = 64; 16 with a
+    selection and fewer heads, bounding the gathered block), 8 warps (the fp32 accumulator is ``64 x 512``).
+    Chosen with ``scripts/bench_attention.py --sweep`` on an H200."""
     if t == 1:
-        bm = min(32, max(16, pl.next_power_of_2(h)))
+        bm, bk = min(32, max(16, pl.next_power_of_2(h))), 64
+        blocks = pl.cdiv(k, bk) if k else pl.cdiv(r, bk)
         progs = batch * max(1, h // bm)
         splits = 1
-        while progs * splits < 264 and r // (splits * 2) >= 512:
+        while progs * splits < 264 and blocks // (splits * 2) >= (1 if k else 4):
             splits *= 2
-        return AttnConfig(bm=bm, bk=64, splits=splits, num_warps=4, num_stages=2)
-    return AttnConfig(bm=64, bk=64, splits=1, num_warps=4, num_stages=2)
+        return AttnConfig(bm=bm, bk=bk, splits=splits, num_warps=4, num_stages=2)
+    bm = max(16, min(64, pl.next_power_of_2(h))) if k else 64
+    return AttnConfig(bm=bm, bk=64, splits=1, num_warps=8, num_stages=2)
 
 
 def window_keys(kv: jax.Array, ring: jax.Array, pos0: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -70,7 +79,8 @@ def window_keys(kv: jax.Array, ring: jax.Array, pos0: jax.Array) -> tuple[jax.Ar
 
 def row_visibility(pos0: jax.Array, t: int, r: int, ratio: int, count: jax.Array | None,
                    sel: jax.Array | None) -> jax.Array:
-    """``[B, T, R]`` bool: row ``c`` visible to token ``t`` (the kernel's rule, spelled out densely)."""
+    """``[B, T, R]`` bool: row ``c`` visible to token ``t`` (the kernel's rule, spelled out densely; ``sel`` is
+    the selection as a mask, ``indexer_topk.indices_to_mask`` of the kernel's ``idx``)."""
     lim = (pos0[:, None] + jnp.arange(t) + 1) // ratio
     if count is not None:
         lim = jnp.minimum(lim, count[:, None])
@@ -97,8 +107,8 @@ def _dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:
     return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _kernel(pos0_ref, cnt_ref, sink_ref, q_ref, kv_ref, ring_ref, rows_ref, sel_ref, *out_refs, h: int, t: int,
-            w: int, r: int, ratio: int, cfg: AttnConfig, has_rows: bool, has_sel: bool, partial: bool):
+def _kernel(pos0_ref, cnt_ref, sink_ref, q_ref, kv_ref, ring_ref, rows_ref, idx_ref, *out_refs, h: int, t: int,
+            w: int, r: int, k: int, ratio: int, cfg: AttnConfig, mode: str, has_count: bool, partial: bool):
     bm, bk = cfg.bm, cfg.bk
     b, i, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     hb = min(bm, h)  # heads of one token inside the block
@@ -110,7 +120,9 @@ def _kernel(pos0_ref, cnt_ref, sink_ref, q_ref, kv_ref, ring_ref, rows_ref, sel_
     t_max = jnp.minimum(t_min + bt - 1, t - 1)
     pos0 = pos0_ref[b]
     pos = pos0 + tok  # [bm]
-    scale = q_ref.shape[-1] ** -0.5
+    d = q_ref.shape[-1]
+    scale = d**-0.5
+    cnt = cnt_ref[b] if has_count else r
 
     q = plt.load(q_ref.at[b, pl.ds(i * bm, bm), :], mask=row_ok[:, None], other=0.0)
     z = sink_ref[pl.ds(pl.multiple_of((i * bm) % sink_ref.shape[0], hb), bm)]
@@ -156,9 +168,9 @@ def _kernel(pos0_ref, cnt_ref, sink_ref, q_ref, kv_ref, ring_ref, rows_ref, sel_
 
     carry = jax.lax.fori_loop(0, n_ring, ring_step, carry)
 
-    if has_rows:
-        lim = jnp.minimum((pos + 1) // ratio, cnt_ref[b])  # [bm]
-        lim_max = jnp.minimum(jnp.minimum((pos0 + t_max + 1) // ratio, cnt_ref[b]), r)
+    if mode == "dense":  # rows in order, up to the last one a token of the block may see
+        lim = jnp.minimum((pos + 1) // ratio, cnt)  # [bm]
+        lim_max = jnp.minimum(jnp.minimum((pos0 + t_max + 1) // ratio, cnt), r)
         per = pl.cdiv(pl.cdiv(r, bk), cfg.splits)
         lo = s * per
         hi = jnp.minimum(lo + per, pl.cdiv(lim_max, bk))
@@ -167,15 +179,33 @@ def _kernel(pos0_ref, cnt_ref, sink_ref, q_ref, kv_ref, ring_ref, rows_ref, sel_
             c = kb * bk + jax.lax.broadcasted_iota(jnp.int32, (bk,), 0)
             k = plt.load(rows_ref.at[b, pl.ds(kb * bk, bk), :], mask=(c < r)[:, None], other=0.0)
             vis = (c[None, :] < lim[:, None]) & (c < r)[None, :] & row_ok[:, None]
-            if has_sel:
-                tk = t_min + jax.lax.broadcasted_iota(jnp.int32, (bt,), 0)
-                sm = plt.load(sel_ref.at[b, pl.ds(t_min, bt), pl.ds(kb * bk, bk)],
-                              mask=(tk < t)[:, None] & (c < r)[None, :], other=0)
-                sm = jnp.broadcast_to(sm[:, None, :], (bt, hb, bk)).reshape(bm, bk) if bt > 1 else sm
-                vis = vis & (sm != 0)
             return update(carry, k, vis)
 
         carry = jax.lax.fori_loop(lo, jnp.maximum(lo, hi), row_step, carry)
+
+    if mode == "sparse":  # each token's selected rows, gathered: bks indices of each of the bt tokens per step
+        bks = max(16, bk // bt)
+        lim_max = jnp.minimum(jnp.minimum((pos0 + t_max + 1) // ratio, cnt), r)
+        per = pl.cdiv(pl.cdiv(k, bks), cfg.splits)
+        lo = s * per
+        hi = jnp.minimum(lo + per, pl.cdiv(jnp.minimum(lim_max, k), bks))  # at most lim rows are selected
+        e = jax.lax.broadcasted_iota(jnp.int32, (bt * bks,), 0)
+        tk = t_min + e // bks  # token of each gathered row
+        lim_k = jnp.minimum(jnp.minimum((pos0 + tk + 1) // ratio, cnt), r)
+
+        def sel_step(kb, carry):
+            ek = kb * bks + e % bks
+            c = plt.load(idx_ref.at[b, jnp.minimum(tk, t - 1), jnp.minimum(ek, k - 1)], mask=(ek < k) & (tk < t),
+                         other=-1)
+            ok = (c >= 0) & (c < lim_k)
+            cc = jnp.minimum(jnp.maximum(c, 0), r - 1)  # -1 padding: any row, its scores masked
+            rows = plt.load(rows_ref.at[b, cc[:, None], jax.lax.broadcasted_iota(jnp.int32, (1, d), 1)])
+            vis = ok[None, :] & row_ok[:, None]
+            if bt > 1:  # several tokens per block: a query sees only its own token's rows
+                vis = vis & (tok[:, None] == tk[None, :])
+            return update(carry, rows, vis)
+
+        carry = jax.lax.fori_loop(lo, jnp.maximum(lo, hi), sel_step, carry)
 
     m, l_, acc = carry
     if partial:
@@ -189,19 +219,22 @@ def _kernel(pos0_ref, cnt_ref, sink_ref, q_ref, kv_ref, ring_ref, rows_ref, sel_
 
 
 @functools.partial(jax.jit, static_argnames=("ratio", "cfg", "interpret"))
-def _call(q, kv, ring, pos0, sink, rows, count, sel, *, ratio: int, cfg: AttnConfig, interpret: bool):
+def _call(q, kv, ring, pos0, sink, rows, count, idx, *, ratio: int, cfg: AttnConfig, interpret: bool):
     b, t, h, d = q.shape
     w = ring.shape[1]
     if cfg.bm % h and h % cfg.bm:
         raise ValueError(f"bm={cfg.bm} and H={h}: one must divide the other")
-    has_rows, has_sel = rows is not None, sel is not None
-    if not has_rows:
-        rows = jnp.zeros((b, 1, d), kv.dtype)
+    mode = "none" if rows is None else "dense" if idx is None else "sparse"
+    if rows is None:  # absent inputs: stand-ins that are never read (no extra launch to build them)
+        rows = kv
         cfg = dataclasses.replace(cfg, splits=1)
     r = rows.shape[1]
-    count = jnp.full((b,), r, jnp.int32) if count is None else count.astype(jnp.int32)
-    sel = jnp.zeros((b, 1, 1), jnp.int8) if sel is None else sel.astype(jnp.int8)
-    sink_rows = jnp.tile(sink.astype(jnp.float32), max(1, cfg.bm // h))
+    has_count = count is not None
+    count = count.astype(jnp.int32) if has_count else pos0.astype(jnp.int32)
+    idx = pos0.astype(jnp.int32).reshape(b, 1, 1) if idx is None else idx.astype(jnp.int32)
+    sink_rows = sink.astype(jnp.float32)
+    if cfg.bm > h:
+        sink_rows = jnp.tile(sink_rows, cfg.bm // h)
     n_m = pl.cdiv(t * h, cfg.bm)
     partial = cfg.splits > 1
     if partial:
@@ -210,13 +243,13 @@ def _call(q, kv, ring, pos0, sink, rows, count, sel, *, ratio: int, cfg: AttnCon
                      jax.ShapeDtypeStruct((b, cfg.splits, t * h), jnp.float32))
     else:
         out_shape = (jax.ShapeDtypeStruct((b, t * h, d), jnp.bfloat16),)
-    kernel = functools.partial(_kernel, h=h, t=t, w=w, r=r, ratio=ratio, cfg=cfg, has_rows=has_rows,
-                               has_sel=has_sel, partial=partial)
+    kernel = functools.partial(_kernel, h=h, t=t, w=w, r=r, k=idx.shape[2], ratio=ratio, cfg=cfg, mode=mode,
+                               has_count=has_count, partial=partial)
     outs = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(b, n_m, cfg.splits), interpret=interpret, name="compressed_attention",
         compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
     )(pos0.astype(jnp.int32), count, sink_rows, q.reshape(b, t * h, d).astype(jnp.bfloat16),
-      kv.astype(jnp.bfloat16), ring.astype(jnp.bfloat16), rows.astype(jnp.bfloat16), sel)
+      kv.astype(jnp.bfloat16), ring.astype(jnp.bfloat16), rows.astype(jnp.bfloat16), idx)
     if partial:
         acc, m, l_ = outs
         mx = jnp.max(m, axis=1, keepdims=True)
@@ -229,13 +262,14 @@ def _call(q, kv, ring, pos0, sink, rows, count, sel, *, ratio: int, cfg: AttnCon
 
 def compressed_attention(q: jax.Array, kv: jax.Array, ring: jax.Array, pos0: jax.Array, sink: jax.Array,
                          rows: jax.Array | None = None, *, ratio: int = 1, count: jax.Array | None = None,
-                         sel: jax.Array | None = None, config: AttnConfig | None = None,
+                         idx: jax.Array | None = None, config: AttnConfig | None = None,
                          interpret: bool = False) -> jax.Array:
     """Kernel with the semantics of :func:`compressed_attention_reference` (bf16 compute):
     ``q [B, T, H, d]``, ``kv [B, T, d]``, ``ring [B, W, d]``, ``pos0 [B]`` int, ``sink [H]`` fp32, optional
-    ``rows [B, R, d]`` (visible: ``c < min((pos + 1) // ratio, count[b])``), optional ``sel [B, T, R]`` bool
-    -> ``o [B, T, H, d]`` bf16."""
+    ``rows [B, R, d]`` (visible: ``c < min((pos + 1) // ratio, count[b])``), optional selection
+    ``idx [B, T, k]`` int (ascending row indices padded with -1, ``indexer_topk.index_select``; the
+    reference's ``sel`` is ``indexer_topk.indices_to_mask(idx, R)``) -> ``o [B, T, H, d]`` bf16."""
     b, t, h, _ = q.shape
     r = 0 if rows is None else rows.shape[1]
-    cfg = config or default_config(t, h, r, b)
-    return _call(q, kv, ring, pos0, sink, rows, count, sel, ratio=ratio, cfg=cfg, interpret=interpret)
+    cfg = config or default_config(t, h, r, b, 0 if idx is None else idx.shape[2])
+    return _call(q, kv, ring, pos0, sink, rows, count, idx, ratio=ratio, cfg=cfg, interpret=interpret)

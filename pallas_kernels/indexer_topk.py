@@ -3,14 +3,18 @@ pure-JAX references (``dsv4_jax.indexer``).
 
 Scoring: ``score[b, t, c] = sum_h w[b, t, h] * ReLU(q[b, t, h] . K[b, c])`` rounded to bf16 (§7.4), rows that
 are not yet eligible (``c >= (pos + 1) // ratio``) set to -inf. One program scores ``bt`` query tokens
-(``bt * H_I`` rows of one bf16 matmul) against ``bk`` index rows; ``bt = 1`` for decode, larger in prefill.
+(``bt * H_I`` rows of one bf16 matmul) against ``nk`` blocks of ``bk`` index rows, skipping (writing -inf for)
+the blocks no token of the program may see yet; ``bt = 1`` for decode, larger in prefill.
 
 Selection (exact, ties to the lower row index as ``lax.top_k``): bf16 scores map to 16-bit keys whose integer
-order is the float total order. A radix search finds the k-th largest key ``tau`` four bits per pass (16
-candidate thresholds counted per pass, in parallel over row chunks); one more count gives the keys above
-``tau`` per chunk, so the number of tied keys each chunk may take follows from a prefix sum; a last pass writes
-the mask (keys above ``tau``, and ties in index order through an in-block cumulative sum). Six passes over the
-bf16 scores, no sort.
+order is the float total order (-inf and padding: key -1, never counted). A radix search finds the k-th largest
+key ``tau`` ``bits`` bits per pass: each pass counts, per chunk of the row, the keys ``>=`` each of its
+``2^bits`` candidate thresholds; every program of the next pass first derives ``tau`` so far from the
+previous passes' counts (a few hundred integers), so no XLA step runs between passes. The counts also give,
+per chunk, the keys above ``tau`` and the ties with it (``count(>= tau + 1)`` is a candidate of the last pass
+whose digit is not all ones), so a last pass writes the selected row indices, ascending, straight to their
+slots: keys above ``tau`` and ties in index order (in-block cumulative sums, chunk offsets from prefix sums of
+the counts). ``16 / bits + 1`` launches over the bf16 scores, no sort, no mask.
 """
 
 from __future__ import annotations
@@ -30,20 +34,26 @@ _NEG_INF_KEY = 0x7F  # key of bf16 -inf (0xFF80)
 
 @dataclasses.dataclass(frozen=True)
 class IndexConfig:
-    """Scoring tiles (``bt`` tokens x ``bk`` rows) and the selection's chunk (``chunk`` scores per program,
-    walked in blocks of ``bs``)."""
+    """Scoring tiles (``bt`` tokens x ``nk`` blocks of ``bk`` rows per program) and the selection's radix
+    (``bits`` per pass) and chunk (``chunk`` scores per program, walked in blocks of ``bs``)."""
 
     bt: int = 1
     bk: int = 128
+    nk: int = 4
     chunk: int = 8192
     bs: int = 1024
+    bits: int = 4
     num_warps: int = 4
 
 
 def default_config(t: int, r: int) -> IndexConfig:
-    """Decode scores one token per program; prefill two (128 matmul rows at 64 heads)."""
+    """Decode scores one token per program and counts in small chunks (many programs for one row); prefill
+    scores two tokens per program (128 matmul rows at 64 heads)."""
     bs = min(1024, pl.next_power_of_2(max(r, 16)))
-    return IndexConfig(bt=1 if t == 1 else 2, bk=128, chunk=max(bs, min(8192, pl.next_power_of_2(r))), bs=bs)
+    if t == 1:
+        chunk = max(bs, min(2048, pl.next_power_of_2(r)))
+        return IndexConfig(bt=1, bk=128, nk=4, chunk=chunk, bs=min(bs, 512))
+    return IndexConfig(bt=2, bk=128, nk=16, chunk=max(bs, min(8192, pl.next_power_of_2(r))), bs=bs)
 
 
 def index_scores_reference(q: jax.Array, w: jax.Array, keys: jax.Array, positions: jax.Array, ratio: int,
@@ -59,22 +69,58 @@ def index_select_reference(q: jax.Array, w: jax.Array, keys: jax.Array, position
     return select(index_scores(q, w, keys, dtype), positions, ratio, top_k)
 
 
+def mask_to_indices(mask: jax.Array, k: int) -> jax.Array:
+    """The selected rows of ``mask [..., R]`` (at most ``k``) as ascending indices padded with -1: ``[..., k]``
+    int32, the layout :func:`index_select` returns."""
+    r = mask.shape[-1]
+    key = jnp.where(mask, jnp.arange(r, dtype=jnp.int32), r)
+    idx = -jax.lax.top_k(-key, min(k, r))[0]
+    idx = jnp.where(idx < r, idx, -1)
+    return jnp.pad(idx, [(0, 0)] * (idx.ndim - 1) + [(0, k - idx.shape[-1])], constant_values=-1)
+
+
+def indices_to_mask(idx: jax.Array, r: int) -> jax.Array:
+    """Inverse of :func:`mask_to_indices`: ``[..., k]`` (-1 = none) -> bool ``[..., R]``."""
+    flat = idx.reshape(-1, idx.shape[-1])
+    rows = jnp.arange(flat.shape[0])[:, None]
+    mask = jnp.zeros((flat.shape[0], r), bool).at[rows, jnp.maximum(flat, 0)].max(flat >= 0)
+    return mask.reshape(*idx.shape[:-1], r)
+
+
 def _score_kernel(pos0_ref, q_ref, w_ref, k_ref, o_ref, *, t: int, h: int, r: int, ratio: int, cfg: IndexConfig):
     b, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bt, bk = cfg.bt, cfg.bk
     rid = i * bt * h + jax.lax.broadcasted_iota(jnp.int32, (bt * h,), 0)
     q = plt.load(q_ref.at[b, pl.ds(i * bt * h, bt * h), :], mask=(rid < t * h)[:, None], other=0.0)
     wt = plt.load(w_ref.at[b, pl.ds(i * bt * h, bt * h)], mask=rid < t * h, other=0.0)
-    c = j * bk + jax.lax.broadcasted_iota(jnp.int32, (bk,), 0)
-    k = plt.load(k_ref.at[b, pl.ds(j * bk, bk), :], mask=(c < r)[:, None], other=0.0)
-    s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    s = jnp.maximum(s, 0.0) * wt[:, None]
-    s = jnp.sum(s.reshape(bt, h, bk), axis=1) if bt > 1 else jnp.sum(s, axis=0, keepdims=True)
     tok = i * bt + jax.lax.broadcasted_iota(jnp.int32, (bt,), 0)
     lim = (pos0_ref[b] + tok + 1) // ratio
-    s = jnp.where(c[None, :] < lim[:, None], s.astype(o_ref.dtype), -jnp.inf)
-    plt.store(o_ref.at[b, pl.ds(i * bt, bt), pl.ds(j * bk, bk)], s.astype(o_ref.dtype),
-              mask=(tok < t)[:, None] & (c < r)[None, :])
+    lim_max = jnp.minimum((pos0_ref[b] + jnp.minimum(i * bt + bt - 1, t - 1) + 1) // ratio, r)
+    base = j * cfg.nk * bk
+    n_eff = jnp.minimum(jnp.maximum(pl.cdiv(lim_max - base, bk), 0), cfg.nk)  # blocks some token may see
+
+    def store(off, c, s):
+        plt.store(o_ref.at[b, pl.ds(i * bt, bt), pl.ds(off, bk)], s.astype(o_ref.dtype),
+                  mask=(tok < t)[:, None] & (c < r)[None, :])
+
+    def score(kb, carry):
+        off = base + kb * bk
+        c = off + jax.lax.broadcasted_iota(jnp.int32, (bk,), 0)
+        k = plt.load(k_ref.at[b, pl.ds(off, bk), :], mask=(c < r)[:, None], other=0.0)
+        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        s = jnp.maximum(s, 0.0) * wt[:, None]
+        s = jnp.sum(s.reshape(bt, h, bk), axis=1) if bt > 1 else jnp.sum(s, axis=0, keepdims=True)
+        store(off, c, jnp.where(c[None, :] < lim[:, None], s.astype(o_ref.dtype), -jnp.inf))
+        return carry
+
+    def fill(kb, carry):
+        off = base + kb * bk
+        c = off + jax.lax.broadcasted_iota(jnp.int32, (bk,), 0)
+        store(off, c, jnp.full((bt, bk), -jnp.inf, jnp.float32))
+        return carry
+
+    jax.lax.fori_loop(0, n_eff, score, 0)
+    jax.lax.fori_loop(n_eff, cfg.nk, fill, 0)
 
 
 @functools.partial(jax.jit, static_argnames=("ratio", "cfg", "interpret"))
@@ -87,85 +133,133 @@ def index_scores_kernel(q: jax.Array, w: jax.Array, keys: jax.Array, pos0: jax.A
     kernel = functools.partial(_score_kernel, t=t, h=h, r=r, ratio=ratio, cfg=cfg)
     return pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((b, t, r), jnp.bfloat16),
-        grid=(b, pl.cdiv(t, cfg.bt), pl.cdiv(r, cfg.bk)), interpret=interpret, name="indexer_scores",
+        grid=(b, pl.cdiv(t, cfg.bt), pl.cdiv(r, cfg.bk * cfg.nk)), interpret=interpret, name="indexer_scores",
         compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=2),
     )(pos0.astype(jnp.int32), q.reshape(b, t * h, d).astype(jnp.bfloat16), w.reshape(b, t * h).astype(jnp.float32),
       keys.astype(jnp.bfloat16))
 
 
-def _keys(x: jax.Array) -> jax.Array:
-    """bf16 -> int32 in [0, 0xFFFF] ordered as the floats (total order: -0 < +0)."""
+def _keys(x: jax.Array, valid: jax.Array) -> jax.Array:
+    """bf16 -> int32 in [0, 0xFFFF] ordered as the floats (total order: -0 < +0); -inf and ``~valid``: -1."""
     u = jax.lax.bitcast_convert_type(x, jnp.int16).astype(jnp.int32) & 0xFFFF
-    return jnp.where(u >= 0x8000, 0xFFFF - u, u + 0x8000)
+    kk = jnp.where(u >= 0x8000, 0xFFFF - u, u + 0x8000)
+    return jnp.where(valid & (kk > _NEG_INF_KEY), kk, -1)
 
 
-def _count_kernel(s_ref, cand_ref, o_ref, *, r: int, cfg: IndexConfig):
+def _shifts(bits: int) -> list[int]:
+    return list(range(16 - bits, -1, -bits))
+
+
+def _radix_state(n, prev_refs, top_k: int, bits: int, n_c: int):
+    """``tau`` after the passes whose per-chunk counts are ``prev_refs`` (each ``[N, Cp, 2^bits]``), the last
+    pass's per-chunk counts of keys ``>= tau`` and (so far) ``>= tau + 1``: ``(tau, ge [Cp], gt [Cp])``."""
+    nc = 1 << bits
+    cp = prev_refs[0].shape[1]
+    ci = jax.lax.broadcasted_iota(jnp.int32, (cp,), 0)
+    lane = jax.lax.broadcasted_iota(jnp.int32, (cp, nc), 1)
+    tau = jnp.int32(0)
+    ge = gt = jnp.zeros((cp,), jnp.int32)
+    for ref, shift in zip(prev_refs, _shifts(bits)):
+        pc = plt.load(ref.at[n, pl.ds(0, cp), pl.ds(0, nc)], mask=(ci < n_c)[:, None], other=0)
+        tot = jnp.sum(pc, axis=0)
+        j = jnp.maximum(jnp.sum((tot >= top_k).astype(jnp.int32)) - 1, 0)
+        tau = tau + (j << shift)
+        ge = jnp.sum(jnp.where(lane == j, pc, 0), axis=1)
+        last = (j == nc - 1).astype(jnp.int32)  # digit all ones: tau + 1 is a candidate of an earlier pass
+        gt = last * gt + (1 - last) * jnp.sum(jnp.where(lane == j + 1, pc, 0), axis=1)
+    return tau, ge, gt
+
+
+def _count_kernel(s_ref, *refs, r: int, top_k: int, shift: int, n_c: int, cfg: IndexConfig):
+    *prev_refs, o_ref = refs
     n, c = pl.program_id(0), pl.program_id(1)
-    cand = cand_ref[n, :]  # [16]
+    nc = 1 << cfg.bits
+    tau = _radix_state(n, prev_refs, top_k, cfg.bits, n_c)[0] if prev_refs else jnp.int32(0)
+    cand = tau + (jax.lax.broadcasted_iota(jnp.int32, (nc,), 0) << shift)
 
     def body(i, cnt):
-        col = c * cfg.chunk + i * cfg.bs + jax.lax.broadcasted_iota(jnp.int32, (cfg.bs,), 0)
-        x = plt.load(s_ref.at[n, pl.ds(c * cfg.chunk + i * cfg.bs, cfg.bs)], mask=col < r, other=-jnp.inf)
-        kk = jnp.where(col < r, _keys(x), -1)
-        return cnt + jnp.sum((kk[None, :] >= cand[:, None]).astype(jnp.int32), axis=1)
-
-    o_ref[n, c, :] = jax.lax.fori_loop(0, cfg.chunk // cfg.bs, body, jnp.zeros((16,), jnp.int32))
-
-
-def _write_kernel(s_ref, tau_ref, need_ref, before_ref, o_ref, *, r: int, cfg: IndexConfig):
-    n, c = pl.program_id(0), pl.program_id(1)
-    tau, need = tau_ref[n], need_ref[n]
-
-    def body(i, run):
         off = c * cfg.chunk + i * cfg.bs
         col = off + jax.lax.broadcasted_iota(jnp.int32, (cfg.bs,), 0)
-        x = plt.load(s_ref.at[n, pl.ds(off, cfg.bs)], mask=col < r, other=-jnp.inf)
-        kk = _keys(x)
-        tie = (kk == tau) & (col < r)
-        rank = run + jnp.cumsum(tie.astype(jnp.int32))
-        sel = ((kk > tau) | (tie & (rank <= need))) & (kk > _NEG_INF_KEY)
-        plt.store(o_ref.at[n, pl.ds(off, cfg.bs)], sel.astype(jnp.int8), mask=col < r)
-        return run + jnp.sum(tie.astype(jnp.int32))
+        kk = _keys(plt.load(s_ref.at[n, pl.ds(off, cfg.bs)], mask=col < r, other=-jnp.inf), col < r)
+        return cnt + jnp.sum((kk[None, :] >= cand[:, None]).astype(jnp.int32), axis=1)
 
-    jax.lax.fori_loop(0, cfg.chunk // cfg.bs, body, before_ref[n, c])
+    cnt = jax.lax.fori_loop(0, cfg.chunk // cfg.bs, body, jnp.zeros((nc,), jnp.int32))
+    o_ref[n, c, :] = cnt
+
+
+def _write_kernel(s_ref, *refs, r: int, top_k: int, n_c: int, cfg: IndexConfig):
+    *prev_refs, o_ref = refs
+    n, c = pl.program_id(0), pl.program_id(1)
+    tau, ge, gt = _radix_state(n, prev_refs, top_k, cfg.bits, n_c)
+    ci = jax.lax.broadcasted_iota(jnp.int32, ge.shape, 0)
+    ties = ge - gt
+    need = top_k - jnp.sum(gt)  # ties to take, lowest indices first
+    tie0 = jnp.cumsum(ties) - ties  # ties in the chunks before
+    taken = jnp.minimum(jnp.maximum(need - tie0, 0), ties)
+    sel0 = jnp.cumsum(gt + taken) - (gt + taken)  # selected rows in the chunks before
+    n_sel = jnp.sum(gt + taken)
+    here = ci == c
+    lane = jax.lax.broadcasted_iota(jnp.int32, (cfg.bs,), 0)
+
+    def body(i, carry):
+        run_tie, run_sel = carry
+        off = c * cfg.chunk + i * cfg.bs
+        col = off + lane
+        kk = _keys(plt.load(s_ref.at[n, pl.ds(off, cfg.bs)], mask=col < r, other=-jnp.inf), col < r)
+        tie = (kk == tau).astype(jnp.int32)
+        sel = ((kk > tau) | ((tie > 0) & (run_tie + jnp.cumsum(tie) <= need))).astype(jnp.int32)
+        slot = run_sel + jnp.cumsum(sel) - 1
+        # Unselected lanes write to a private scratch slot past top_k (no masked scatter, no collisions).
+        plt.store(o_ref.at[n, jnp.where(sel > 0, slot, top_k + lane)], col)
+        return run_tie + jnp.sum(tie), run_sel + jnp.sum(sel)
+
+    start = (jnp.sum(jnp.where(here, tie0, 0)), jnp.sum(jnp.where(here, sel0, 0)))
+    jax.lax.fori_loop(0, cfg.chunk // cfg.bs, body, start)
+
+    def pad(i, carry):  # chunk 0 writes -1 into the slots past the last selected row
+        slot = i * cfg.bs + lane
+        plt.store(o_ref.at[n, jnp.where((slot >= n_sel) & (slot < top_k), slot, top_k + lane)],
+                  jnp.full((cfg.bs,), -1, jnp.int32))
+        return carry
+
+    jax.lax.fori_loop(0, (c == 0).astype(jnp.int32) * pl.cdiv(top_k, cfg.bs), pad, 0)
 
 
 @functools.partial(jax.jit, static_argnames=("top_k", "cfg", "interpret"))
-def topk_mask(scores: jax.Array, *, top_k: int, cfg: IndexConfig, interpret: bool = False) -> jax.Array:
+def topk_indices(scores: jax.Array, *, top_k: int, cfg: IndexConfig, interpret: bool = False) -> jax.Array:
     """Exact top-k of each row of ``scores [N, R]`` (bf16 values; -inf = ineligible, never selected), ties to
-    the lower index -> bool ``[N, R]``; fewer than ``top_k`` finite scores: all of them."""
+    the lower index -> ascending row indices ``[N, top_k]`` int32, padded with -1 where a row has fewer than
+    ``top_k`` finite scores."""
     n, r = scores.shape
+    if 16 % cfg.bits or cfg.chunk % cfg.bs:
+        raise ValueError(f"bits={cfg.bits} must divide 16 and bs={cfg.bs} the chunk {cfg.chunk}")
     scores = scores.astype(jnp.bfloat16)
     n_c = pl.cdiv(r, cfg.chunk)
+    cp = max(2, pl.next_power_of_2(n_c))
     params = plt.CompilerParams(num_warps=cfg.num_warps, num_stages=2)
+    counts = []
+    for shift in _shifts(cfg.bits):
+        kernel = functools.partial(_count_kernel, r=r, top_k=top_k, shift=shift, n_c=n_c, cfg=cfg)
+        counts.append(pl.pallas_call(
+            kernel, out_shape=jax.ShapeDtypeStruct((n, cp, 1 << cfg.bits), jnp.int32), grid=(n, n_c),
+            interpret=interpret, name="topk_count", compiler_params=params)(scores, *counts))
+    idx = pl.pallas_call(
+        functools.partial(_write_kernel, r=r, top_k=top_k, n_c=n_c, cfg=cfg),
+        out_shape=jax.ShapeDtypeStruct((n, top_k + cfg.bs), jnp.int32), grid=(n, n_c), interpret=interpret,
+        name="topk_write", compiler_params=params)(scores, *counts)
+    return idx[:, :top_k]
 
-    def count(cand):
-        return pl.pallas_call(
-            functools.partial(_count_kernel, r=r, cfg=cfg), out_shape=jax.ShapeDtypeStruct((n, n_c, 16), jnp.int32),
-            grid=(n, n_c), interpret=interpret, name="topk_count", compiler_params=params)(scores, cand)
 
-    steps = jnp.arange(16, dtype=jnp.int32)
-    tau = jnp.zeros((n,), jnp.int32)
-    for shift in (12, 8, 4, 0):
-        per_chunk = count(tau[:, None] + (steps << shift))
-        j = jnp.maximum(jnp.sum(per_chunk.sum(1) >= top_k, axis=1) - 1, 0)
-        tau = tau + (j << shift)
-    ge = jnp.take_along_axis(per_chunk, j[:, None, None], axis=2)[..., 0]  # [N, C]: keys >= tau
-    gt = count(tau[:, None] + 1 + steps)[..., 0]  # [N, C]: keys > tau
-    ties = ge - gt
-    need = top_k - gt.sum(1)
-    before = jnp.cumsum(ties, axis=1) - ties
-    mask = pl.pallas_call(
-        functools.partial(_write_kernel, r=r, cfg=cfg), out_shape=jax.ShapeDtypeStruct((n, r), jnp.int8),
-        grid=(n, n_c), interpret=interpret, name="topk_write", compiler_params=params,
-    )(scores, tau, need, before)
-    return mask.astype(bool)
+def topk_mask(scores: jax.Array, *, top_k: int, cfg: IndexConfig, interpret: bool = False) -> jax.Array:
+    """:func:`topk_indices` as a bool mask ``[N, R]`` (tests)."""
+    return indices_to_mask(topk_indices(scores, top_k=top_k, cfg=cfg, interpret=interpret), scores.shape[1])
 
 
 def index_select(q: jax.Array, w: jax.Array, keys: jax.Array, pos0: jax.Array, *, ratio: int, top_k: int,
                  config: IndexConfig | None = None, query_block: int = 0, interpret: bool = False) -> jax.Array:
-    """Kernel path of :func:`index_select_reference` for tokens at ``pos0[b] + t``: bool ``[B, T, R]``.
-    ``query_block > 0`` scores and selects that many tokens at a time (bounds the ``[T, R]`` score buffer)."""
+    """Kernel path of :func:`index_select_reference` for tokens at ``pos0[b] + t``, as indices: ascending
+    ``[B, T, top_k]`` int32 padded with -1 (``mask_to_indices`` of the reference's mask). ``query_block > 0``
+    scores and selects that many tokens at a time (bounds the ``[T, R]`` score buffer)."""
     b, t, _, _ = q.shape
     r = keys.shape[1]
     cfg = config or default_config(t, r)
@@ -175,6 +269,6 @@ def index_select(q: jax.Array, w: jax.Array, keys: jax.Array, pos0: jax.Array, *
         s = index_scores_kernel(q[:, t0:t0 + tb], w[:, t0:t0 + tb], keys, pos0 + t0, ratio=ratio, cfg=cfg,
                                 interpret=interpret)
         tt = s.shape[1]
-        out.append(topk_mask(s.reshape(b * tt, r), top_k=min(top_k, r), cfg=cfg, interpret=interpret)
-                   .reshape(b, tt, r))
+        out.append(topk_indices(s.reshape(b * tt, r), top_k=top_k, cfg=cfg, interpret=interpret)
+                   .reshape(b, tt, top_k))
     return out[0] if len(out) == 1 else jnp.concatenate(out, axis=1)

@@ -1,40 +1,87 @@
 """Benchmark of the compressed-attention and indexer kernels (issue 6) on one GPU, at Flash dimensions.
 
 Per layer type (SWA: window only; CSA: indexer scoring + top-512 + window + selected rows; HCA: window + all
-128:1 rows): decode time per token at 8K / 128K / 1M cached tokens and prefill time at 8K / 32K / 128K tokens,
-kernel path vs the pure-JAX reference where it fits. Achieved TB/s (decode: bytes that must be read) and
-TFLOP/s (prefill: FLOPs that must be done) are set against ceilings measured in the same run (a 4 GiB
-``jnp.sum``; an 8192^3 bf16 ``jnp.dot``). Prints a markdown table.
+128:1 rows): decode time per step at 8K / 128K / 1M cached tokens for each batch size, and prefill time at
+8K / 32K / 128K tokens, kernel path vs the pure-JAX reference where it fits. Kernel times are CUPTI sums of the
+kernels one call launches (inputs rotated over copies larger than the L2); wall times are medians of whole
+calls (dispatch included). Achieved TB/s (decode: bytes that must be read) and TFLOP/s (prefill: FLOPs that
+must be done) are set against ceilings measured in the same run (a 4 GiB ``jnp.sum``; an 8192^3 bf16
+``jnp.dot``). ``--sweep`` first times a few tile choices of each kernel. Prints markdown tables.
 
-    PYTHONPATH=. python scripts/bench_attention.py [--batch 1] [--decode 8192,131072,1048576]
-        [--prefill 8192,32768,131072] [--reference-max 8192]
+    PYTHONPATH=. python scripts/bench_attention.py [--batch 1,32] [--decode 8192,131072,1048576]
+        [--prefill 8192,32768,131072] [--reference-max 8192] [--sweep]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import statistics
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dsv4_jax import kernels
 from pallas_kernels import compressed_attention as CA
 from pallas_kernels import indexer_topk as IX
 
 H, D, W, HI, DI, TOPK = 64, 512, 128, 64, 128, 512
+LAYERS = {"SWA": 2, "CSA": 21, "HCA": 20}  # Flash's 43 layers
+RATIO = {"SWA": 0, "CSA": 4, "HCA": 128}
+ROTATE_BYTES = 256 << 20
 
 
-def timed(f, *args, iters: int = 10) -> float:
-    """Median wall time (s) of ``f(*args)`` after one warm-up call (compilation)."""
-    jax.block_until_ready(f(*args))
-    ts = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
+def _cupti():
+    """CUPTI kernel timings through jaxlib's Mosaic-GPU extension (as ``scripts/bench_kernels.py``)."""
+    try:
+        from jax._src.lib import mosaic_gpu as mgl
+        return mgl._mosaic_gpu_ext
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _timings(ext):
+    try:
+        return ext._cupti_get_timings(True)
+    except TypeError:
+        return ext._cupti_get_timings()
+
+
+def measure(fn, argsets, iters: int) -> tuple[float | None, float]:
+    """``(kernel ms, wall ms)`` of one call: median over ``iters`` calls (rotating over ``argsets``) of the
+    summed CUPTI kernel time (None without CUPTI), and median wall time of blocking calls."""
+    for a in argsets:
+        jax.block_until_ready(fn(*a))
+    walls = []
+    for i in range(iters):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*argsets[i % len(argsets)]))
+        walls.append((time.perf_counter() - t) * 1e3)
+    wall = statistics.median(walls)
+    ext = _cupti()
+    if ext is None:
+        return None, wall
+    try:
+        ext._cupti_init()
+        jax.block_until_ready(fn(*argsets[0]))
+        per_call = len(_timings(ext))
+        ext._cupti_init()
+        outs = [fn(*argsets[(i + 1) % len(argsets)]) for i in range(iters)]
+        jax.block_until_ready(outs)
+        t = _timings(ext)
+    except Exception:  # noqa: BLE001
+        return None, wall
+    if per_call == 0 or len(t) != per_call * iters:
+        return sum(ms for _, ms in t) / iters, wall
+    return statistics.median(sum(ms for _, ms in t[i * per_call:(i + 1) * per_call]) for i in range(iters)), wall
+
+
+def copies(tree, cap: int = 8):
+    """Enough distinct copies of ``tree`` to exceed the L2 several times over."""
+    nbytes = sum(a.nbytes for a in jax.tree.leaves(tree))
+    r = int(min(cap, max(1, -(-ROTATE_BYTES // max(nbytes, 1)))))
+    return [tree] + [jax.tree.map(lambda a: jnp.array(a, copy=True), tree) for _ in range(r - 1)]
 
 
 def peak_gib() -> float:
@@ -45,11 +92,13 @@ def peak_gib() -> float:
 def ceilings() -> tuple[float, float]:
     """(HBM read TB/s, bf16 matmul TFLOP/s) measured now."""
     x = jnp.ones((2**31,), jnp.bfloat16)
-    bw = x.nbytes / timed(jax.jit(jnp.sum), x) / 1e12
+    bw = x.nbytes / (measure(jax.jit(jnp.sum), [(x,)], 10)[1] * 1e-3) / 1e12
+    k = measure(jax.jit(jnp.sum), [(x,)], 10)[0]
+    bw = max(bw, x.nbytes / (k * 1e-3) / 1e12) if k else bw
     del x
     a = jnp.ones((8192, 8192), jnp.bfloat16)
-    mm = 2 * 8192**3 / timed(jax.jit(lambda u: jnp.dot(u, u, preferred_element_type=jnp.bfloat16)), a) / 1e12
-    return bw, mm
+    k, wall = measure(jax.jit(lambda u: jnp.dot(u, u, preferred_element_type=jnp.bfloat16)), [(a,)], 10)
+    return bw, 2 * 8192**3 / ((k or wall) * 1e-3) / 1e12
 
 
 def inputs(key, b: int, t: int, n_rows: int, n_index: int):
@@ -66,21 +115,29 @@ def inputs(key, b: int, t: int, n_rows: int, n_index: int):
     return q, kv, ring, rows, sink, iq, iw, ikeys
 
 
+def spread_selection(b: int, t: int, pos0: int) -> jax.Array:
+    """A stand-in for the indexer's choice (sweeps): ``min(k, eligible)`` rows spread over the eligible ones."""
+    lim = (pos0 + jnp.arange(t) + 1) // 4
+    j = jnp.arange(TOPK)
+    idx = jnp.where(lim[:, None] >= TOPK, j * lim[:, None] // TOPK, j)
+    return jnp.broadcast_to(jnp.where(j < jnp.minimum(lim, TOPK)[:, None], idx, -1), (b, t, TOPK)).astype(jnp.int32)
+
+
 def layer_fn(kind: str, kernel: bool, t: int):
     """One layer's attention (+ indexer) for ``kind`` in SWA / CSA / HCA, kernel or reference path."""
     dtype = jnp.bfloat16
-    ratio = {"SWA": 0, "CSA": 4, "HCA": 128}[kind]
+    ratio = RATIO[kind]
 
     def f(q, kv, ring, rows, sink, iq, iw, ikeys, pos0):
-        sel = None
-        if kind == "CSA":
-            if kernel:
-                sel = kernels.index_select(iq, iw, ikeys, pos0, 4, TOPK, dtype, query_block=2048)
-            else:
-                sel = IX.index_select_reference(iq, iw, ikeys, pos0[:, None] + jnp.arange(t), 4, TOPK)
         r = None if kind == "SWA" else rows
         if kernel:
-            return kernels.window_attention(q, kv, ring, pos0, r, sel, sink, ratio, dtype, top_k=TOPK)
+            sel = None
+            if kind == "CSA":
+                sel = kernels.index_select(iq, iw, ikeys, pos0, 4, TOPK, dtype, query_block=2048)
+            return kernels.window_attention(q, kv, ring, pos0, r, sel, sink, ratio, dtype)
+        sel = None
+        if kind == "CSA":
+            sel = IX.index_select_reference(iq, iw, ikeys, pos0[:, None] + jnp.arange(t), 4, TOPK)
         return CA.compressed_attention_reference(q, kv, ring, pos0, sink, r, ratio=max(ratio, 1), sel=sel)
 
     return jax.jit(f)
@@ -96,79 +153,168 @@ def decode_cost(kind: str, b: int, ctx: int) -> float:
     return base
 
 
-def prefill_flops(kind: str, t: int) -> float:
-    """FLOPs a prefill of ``t`` tokens must do (QK and PV over each query's window + visible/selected rows;
-    indexer scoring over the eligible rows)."""
-    win = sum(min(i + 1, W) for i in range(0, t, 64)) * 64
-    keys = win
-    idx = 0.0
+def attention_keys(kind: str, t: int) -> float:
+    """Keys (window + visible or selected rows) summed over the queries of a prefill of ``t`` tokens."""
+    keys = sum(min(i + 1, W) for i in range(0, t, 64)) * 64
     if kind == "HCA":
         keys += sum((i + 1) // 128 for i in range(t))
     if kind == "CSA":
         keys += sum(min(TOPK, (i + 1) // 4) for i in range(0, t, 64)) * 64
-        idx = 2.0 * HI * DI * sum((i + 1) // 4 for i in range(0, t, 64)) * 64
-    return 4.0 * H * D * keys + idx
+    return keys
+
+
+def prefill_flops(kind: str, t: int) -> float:
+    """FLOPs a prefill of ``t`` tokens must do (QK and PV over each query's keys; indexer scoring over the
+    eligible rows)."""
+    idx = 2.0 * HI * DI * sum((i + 1) // 4 for i in range(0, t, 64)) * 64 if kind == "CSA" else 0.0
+    return 4.0 * H * D * attention_keys(kind, t) + idx
+
+
+def _fmt(x: float | None, scale: float = 1e3, digits: int = 1) -> str:
+    return "-" if x is None else f"{x * scale:.{digits}f}"
+
+
+def sweep(key, mm: float, bw: float):
+    """Tile choices of the attention kernel (prefill at 32K, decode at 1M) and the indexer (prefill at 32K)."""
+    t = 32768
+    print(f"\n## Tile sweep\n\nPrefill attention at {t} tokens (kernel only; CSA with a spread selection):\n\n"
+          "| layer | bm | bk | warps | stages | ms | TFLOP/s | % of matmul |\n|---|---|---|---|---|---|---|---|",
+          flush=True)
+    pos0 = jnp.zeros((1,), jnp.int32)
+    cfgs = [(64, 64, 8, 2), (64, 32, 8, 2), (64, 64, 8, 3), (64, 64, 4, 2), (128, 64, 8, 2), (32, 64, 4, 2)]
+    for kind in ("SWA", "HCA", "CSA"):
+        q, kv, ring, rows, sink, *_ = inputs(key, 1, t, t // 128 if kind == "HCA" else t // 4, 1)
+        idx = spread_selection(1, t, 0) if kind == "CSA" else None
+        r = None if kind == "SWA" else rows
+        fl = 4.0 * H * D * attention_keys(kind, t)
+        for bm, bk, nw, ns in cfgs:
+            if kind == "CSA" and bm > H:
+                continue
+            cfg = CA.AttnConfig(bm=bm, bk=bk, num_warps=nw, num_stages=ns)
+            f = jax.jit(lambda *a, cfg=cfg, r=r, idx=idx, kind=kind: CA.compressed_attention(
+                *a, r, ratio=max(RATIO[kind], 1), idx=idx, config=cfg))
+            try:
+                k, wall = measure(f, [(q, kv, ring, pos0, sink)], 5)
+            except Exception as e:  # noqa: BLE001
+                print(f"| {kind} | {bm} | {bk} | {nw} | {ns} | {type(e).__name__} |", flush=True)
+                continue
+            ms = k or wall
+            print(f"| {kind} | {bm} | {bk} | {nw} | {ns} | {ms:.2f} | {fl / ms / 1e9:.0f} | "
+                  f"{100 * fl / ms / 1e9 / mm:.0f} % |", flush=True)
+    print("\nIndexer scoring + top-512 at 32768 tokens (query blocks of 2048):\n\n"
+          "| bt | nk | warps | ms | scoring TFLOP/s |\n|---|---|---|---|---|", flush=True)
+    _, _, _, _, _, iq, iw, ikeys = inputs(key, 1, t, 1, t // 4)
+    fl = 2.0 * HI * DI * sum((i + 1) // 4 for i in range(t))
+    for bt, nk, nw in [(2, 8, 4), (2, 8, 8), (4, 8, 8), (2, 16, 4)]:
+        cfg = dataclasses.replace(IX.default_config(t, t // 4), bt=bt, nk=nk, num_warps=nw)
+        f = jax.jit(lambda *a, cfg=cfg: IX.index_select(*a, pos0, ratio=4, top_k=TOPK, config=cfg,
+                                                            query_block=2048))
+        try:
+            k, wall = measure(f, [(iq, iw, ikeys)], 3)
+        except Exception as e:  # noqa: BLE001
+            print(f"| {bt} | {nk} | {nw} | {type(e).__name__}: {str(e)[:120]} |", flush=True)
+            continue
+        ms = k or wall
+        print(f"| {bt} | {nk} | {nw} | {ms:.2f} | {fl / ms / 1e9:.0f} |", flush=True)
+    ctx = 1 << 20
+    print(f"\nDecode attention at {ctx} cached tokens, batch 1 (kernel only, µs):\n\n"
+          "| layer | bm | warps | splits | kernel µs | x floor |\n|---|---|---|---|---|---|", flush=True)
+    pos0 = jnp.full((1,), ctx - 1, jnp.int32)
+    for kind in ("CSA", "HCA"):
+        q, kv, ring, rows, sink, *_ = inputs(key, 1, 1, ctx // 128 if kind == "HCA" else ctx // 4, 1)
+        idx = spread_selection(1, 1, ctx - 1) if kind == "CSA" else None
+        floor = (decode_cost(kind, 1, ctx) - (ctx // 4 * DI * 2 if kind == "CSA" else 0)) / (bw * 1e12)
+        for bm, nw, splits in [(64, 8, 8), (64, 8, 16), (64, 8, 32), (32, 4, 8), (32, 4, 32), (64, 4, 16)]:
+            if kind == "CSA" and splits > 8:
+                continue
+            cfg = CA.AttnConfig(bm=bm, bk=64, splits=splits, num_warps=nw)
+            f = jax.jit(lambda *a, cfg=cfg, idx=idx, kind=kind: CA.compressed_attention(
+                *a, ratio=RATIO[kind], idx=idx, config=cfg))
+            args = copies((q, kv, ring, pos0, sink, rows))
+            k, wall = measure(f, args, 20)
+            us = (k or wall) * 1e3
+            print(f"| {kind} | {bm} | {nw} | {splits} | {us:.1f} | {us * 1e-6 / floor:.1f} |", flush=True)
+            del args
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--batch", default="1,32", help="decode batch sizes")
     ap.add_argument("--decode", default="8192,131072,1048576")
     ap.add_argument("--prefill", default="8192,32768,131072")
     ap.add_argument("--reference-max", type=int, default=8192, help="longest prefill run through the reference")
+    ap.add_argument("--sweep", action="store_true", help="time a few tile choices first")
     args = ap.parse_args()
     bw, mm = ceilings()
     print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}; measured ceilings: HBM read {bw:.2f} TB/s, "
-          f"bf16 matmul {mm:.0f} TFLOP/s", flush=True)
-    b = args.batch
+          f"bf16 matmul {mm:.0f} TFLOP/s; CUPTI {'on' if _cupti() else 'off (wall times)'}", flush=True)
     key = jax.random.PRNGKey(0)
-    print(f"\n## Decode, batch {b}, per layer\n\n| layer | cached | kernel µs | floor µs | x floor | TB/s | "
-          "reference µs | peak GiB |\n|---|---|---|---|---|---|---|---|", flush=True)
+    if args.sweep:
+        sweep(key, mm, bw)
+    batches = [int(c) for c in args.batch.split(",") if c]
+    decode(key, batches[0], args.decode, bw, reference=True)
+    prefill(key, args.prefill, args.reference_max, mm)
+    for b in batches[1:]:
+        decode(key, b, args.decode, bw, reference=False)
+
+
+def decode(key, b: int, contexts: str, bw: float, reference: bool):
+    print(f"\n## Decode, batch {b}, one layer (µs per step)\n\n| layer | cached | kernel | wall | floor | "
+          "x floor | TB/s | reference wall | peak GiB |\n|---|---|---|---|---|---|---|---|---|", flush=True)
     per_layer_1m = {}
-    for ctx in [int(c) for c in args.decode.split(",") if c]:
+    for ctx in [int(c) for c in contexts.split(",") if c]:
         for kind in ("SWA", "CSA", "HCA"):
-            a = inputs(key, b, 1, ctx // 128 if kind == "HCA" else ctx // 4, ctx // 4)
+            a = inputs(key, b, 1, ctx // 128 if kind == "HCA" else ctx // 4, ctx // 4 if kind == "CSA" else 1)
             pos0 = jnp.full((b,), ctx - 1, jnp.int32)
+            argsets = copies((*a, pos0), cap=4)
             try:
-                tk = timed(layer_fn(kind, True, 1), *a, pos0)
+                k, wall = measure(layer_fn(kind, True, 1), argsets, 10)
             except Exception as e:  # noqa: BLE001 (report and go on)
                 print(f"| {kind} | {ctx} | error: {type(e).__name__}: {str(e)[:200]} |", flush=True)
                 continue
-            try:
-                tr = f"{timed(layer_fn(kind, False, 1), *a, pos0) * 1e6:.1f}"
-            except Exception as e:  # noqa: BLE001
-                tr = type(e).__name__
+            tr = "-"
+            if reference:
+                try:
+                    tr = _fmt(measure(layer_fn(kind, False, 1), argsets[:1], 3)[1])
+                except Exception as e:  # noqa: BLE001
+                    tr = type(e).__name__
+            sec = (k or wall) * 1e-3
             floor = decode_cost(kind, b, ctx) / (bw * 1e12)
             if ctx == 1048576:
-                per_layer_1m[kind] = tk
-            print(f"| {kind} | {ctx} | {tk * 1e6:.1f} | {floor * 1e6:.2f} | {tk / floor:.1f} | "
-                  f"{decode_cost(kind, b, ctx) / tk / 1e12:.3f} | {tr} | {peak_gib():.1f} |", flush=True)
-            del a
-    if per_layer_1m:
-        n = {"SWA": 2, "CSA": 21, "HCA": 20}
-        tot = sum(per_layer_1m.get(k, 0.0) * n[k] for k in n)
-        print(f"\nWhole model (2 SWA + 21 CSA + 20 HCA layers) attention+indexer per decode token at 1M, batch {b}: "
-              f"{tot * 1e3:.2f} ms (sum of the per-layer times)", flush=True)
-    print("\n## Prefill from position 0, batch 1, one layer\n\n| layer | tokens | kernel ms | TFLOP/s | % of matmul | "
-          "reference ms | peak GiB |\n|---|---|---|---|---|---|---|", flush=True)
-    for t in [int(c) for c in args.prefill.split(",") if c]:
+                per_layer_1m[kind] = (k, wall)
+            print(f"| {kind} | {ctx} | {_fmt(k)} | {wall * 1e3:.1f} | {floor * 1e6:.2f} | {sec / floor:.1f} | "
+                  f"{decode_cost(kind, b, ctx) / sec / 1e12:.2f} | {tr} | {peak_gib():.1f} |", flush=True)
+            del a, argsets
+    if len(per_layer_1m) == 3:
+        kern = sum((per_layer_1m[k][0] or 0.0) * n for k, n in LAYERS.items())
+        wall = sum(per_layer_1m[k][1] * n for k, n in LAYERS.items())
+        print(f"\nWhole model (2 SWA + 21 CSA + 20 HCA layers) attention + indexer per decode step at 1M, batch {b}: "
+              f"kernels {kern:.3f} ms, wall {wall:.3f} ms (sums of the per-layer times; per token "
+              f"{kern / b:.3f} / {wall / b:.3f} ms)", flush=True)
+
+
+def prefill(key, lengths: str, reference_max: int, mm: float):
+    print("\n## Prefill from position 0, batch 1, one layer\n\n| layer | tokens | kernel ms | wall ms | TFLOP/s | "
+          "% of matmul | reference ms | peak GiB |\n|---|---|---|---|---|---|---|---|", flush=True)
+    for t in [int(c) for c in lengths.split(",") if c]:
         for kind in ("SWA", "HCA", "CSA"):
-            a = inputs(key, 1, t, t // 128 if kind == "HCA" else t // 4, t // 4)
+            a = inputs(key, 1, t, t // 128 if kind == "HCA" else t // 4, t // 4 if kind == "CSA" else 1)
             pos0 = jnp.zeros((1,), jnp.int32)
             try:
-                tk = timed(layer_fn(kind, True, t), *a, pos0, iters=2 if t > 32768 else 5)
+                k, wall = measure(layer_fn(kind, True, t), [(*a, pos0)], 3 if t > 32768 else 5)
             except Exception as e:  # noqa: BLE001
                 print(f"| {kind} | {t} | error: {type(e).__name__}: {str(e)[:200]} |", flush=True)
                 continue
             tr = "-"
-            if t <= args.reference_max:
+            if t <= reference_max:
                 try:
-                    tr = f"{timed(layer_fn(kind, False, t), *a, pos0, iters=3) * 1e3:.1f}"
+                    tr = _fmt(measure(layer_fn(kind, False, t), [(*a, pos0)], 3)[1], 1.0)
                 except Exception as e:  # noqa: BLE001
                     tr = type(e).__name__
+            ms = k or wall
             fl = prefill_flops(kind, t)
-            print(f"| {kind} | {t} | {tk * 1e3:.2f} | {fl / tk / 1e12:.1f} | {100 * fl / tk / 1e12 / mm:.0f} % | "
-                  f"{tr} | {peak_gib():.1f} |", flush=True)
+            print(f"| {kind} | {t} | {_fmt(k, 1.0, 2)} | {wall:.2f} | {fl / ms / 1e9:.0f} | "
+                  f"{100 * fl / ms / 1e9 / mm:.0f} % | {tr} | {peak_gib():.1f} |", flush=True)
             del a
 
 

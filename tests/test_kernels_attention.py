@@ -33,6 +33,13 @@ def _check_attention(o, q, kv, ring, pos0, sink, rows, fp32_reference=True, **kw
         assert rel(o, ref32) < ATTN_TOL
 
 
+def _selection(r, b, t, n_rows, k, density=0.5):
+    """A random selection as the kernels take it (ascending indices padded with -1, some rows not yet eligible
+    among them) and as the reference takes it (the mask)."""
+    idx = IX.mask_to_indices(jnp.asarray(r.random((b, t, n_rows)) < density), k)
+    return idx, IX.indices_to_mask(idx, n_rows)
+
+
 # (T, pos0 per sequence, tiles): prefill from 0 and continued chunks, query blocks straddling tokens and the
 # window, ring wrap-around, one sequence without rows yet.
 PREFILL = [
@@ -42,13 +49,33 @@ PREFILL = [
 
 
 @pytest.mark.parametrize("t,pos0,cfg", PREFILL)
-@pytest.mark.parametrize("csa", [False, True])
-def test_prefill_equals_reference_interpret(t, pos0, cfg, csa):
+def test_prefill_equals_reference_interpret(t, pos0, cfg):
     r = rng(t)
     q, kv, ring, rows, sink = _attn_inputs(r, 2, t, 4, 128, 8, 9)
     pos0 = jnp.asarray(pos0)
-    sel = jnp.asarray(r.random((2, t, 9)) < 0.5) if csa else None
-    o = CA.compressed_attention(q, kv, ring, pos0, sink, rows, ratio=4, sel=sel, config=cfg, interpret=True)
+    o = CA.compressed_attention(q, kv, ring, pos0, sink, rows, ratio=4, config=cfg, interpret=True)
+    _check_attention(o, q, kv, ring, pos0, sink, rows, ratio=4)
+
+
+# (T, pos0, k, tiles): selected rows gathered per token; index blocks straddle k, fewer selected rows than k
+# (-1 padding), selections holding rows not yet eligible (hidden by the kernel as by the reference),
+# several tokens per block (H < bm).
+SPARSE = [
+    (11, [0, 5], 5, CA.AttnConfig(bm=4, bk=16)),
+    (21, [3, 30], 20, CA.AttnConfig(bm=2, bk=16, splits=2)),
+    (13, [0, 61], 20, CA.AttnConfig(bm=16, bk=32)),  # 4 tokens per block, gathered together
+    (1, [281, 2], 40, CA.AttnConfig(bm=4, bk=16, splits=4)),
+    (1, [281, 2], 40, CA.AttnConfig(bm=16, bk=16, splits=2)),
+]
+
+
+@pytest.mark.parametrize("t,pos0,k,cfg", SPARSE)
+def test_selected_rows_equal_reference_interpret(t, pos0, k, cfg):
+    r = rng(t + k)
+    q, kv, ring, rows, sink = _attn_inputs(r, 2, t, 4, 128, 8, 70)
+    pos0 = jnp.asarray(pos0)
+    idx, sel = _selection(r, 2, t, 70, k)
+    o = CA.compressed_attention(q, kv, ring, pos0, sink, rows, ratio=4, idx=idx, config=cfg, interpret=True)
     _check_attention(o, q, kv, ring, pos0, sink, rows, ratio=4, sel=sel)
 
 
@@ -71,15 +98,19 @@ def test_decode_split_keys_interpret(splits):
     _check_attention(o, q, kv, ring, pos0, sink, rows, ratio=4)
 
 
-def test_dispatch_decode_gathers_selected_rows_interpret():
-    """kernels.window_attention at T = 1 with a CSA selection (gather + count) equals the reference's mask."""
+def test_dispatch_decode_selected_rows_interpret():
+    """kernels.window_attention at T = 1 with the indexer's selection (default tiles) equals the reference's
+    mask; kernels.index_select's reference path gives the same indices as the kernel."""
     r = rng(7)
     q, kv, ring, rows, sink = _attn_inputs(r, 2, 1, 4, 128, 8, 40)
     pos0 = jnp.asarray([150, 9])  # 37 and 2 eligible rows: more and fewer than top-k = 5
     scores = jnp.asarray(r.standard_normal((2, 1, 40)), jnp.float32)
     sel = select(scores, pos0[:, None], 4, 5)
-    o = kernels.window_attention(q, kv, ring, pos0, rows, sel, sink, 4, jnp.bfloat16, top_k=5, interpret=True)
+    idx = IX.mask_to_indices(sel, 5)
+    o = kernels.window_attention(q, kv, ring, pos0, rows, idx, sink, 4, jnp.bfloat16, interpret=True)
     _check_attention(o, q, kv, ring, pos0, sink, rows, ratio=4, sel=sel)
+    ref = kernels.window_attention(q, kv, ring, pos0, rows, idx, sink, 4, jnp.bfloat16)
+    assert rel(o, ref) < ATTN_TOL
 
 
 def _index_inputs(r, b, t, h, d, n_rows):
@@ -91,10 +122,10 @@ def _index_inputs(r, b, t, h, d, n_rows):
 
 
 # (B, T, rows, top-k, pos0, tiles): decode deep in a cache, prefill chunks straddling score blocks, fewer
-# eligible rows than top-k.
+# eligible rows than top-k, fewer rows than top-k, 8-bit radix digits.
 INDEX = [
-    (2, 1, 300, 5, [1199, 40], IX.IndexConfig(bt=1, bk=32, chunk=128, bs=32)),
-    (2, 7, 40, 5, [0, 100], IX.IndexConfig(bt=2, bk=16, chunk=32, bs=16)),
+    (2, 1, 300, 5, [1199, 40], IX.IndexConfig(bt=1, bk=32, nk=2, chunk=128, bs=32)),
+    (2, 7, 40, 5, [0, 100], IX.IndexConfig(bt=2, bk=16, nk=1, chunk=32, bs=16, bits=8)),
     (1, 3, 50, 64, [150], None),
 ]
 
@@ -107,21 +138,30 @@ def test_indexer_selects_reference_rows_interpret(b, t, n_rows, k, pos0, cfg):
     positions = pos0[:, None] + jnp.arange(t)
     s = IX.index_scores_kernel(q, w, keys, pos0, ratio=4, cfg=cfg or IX.default_config(t, n_rows), interpret=True)
     assert bool(jnp.all(s.astype(jnp.float32) == IX.index_scores_reference(q, w, keys, positions, 4)))
-    m = IX.index_select(q, w, keys, pos0, ratio=4, top_k=k, config=cfg, interpret=True)
-    assert bool(jnp.all(m == IX.index_select_reference(q, w, keys, positions, 4, k)))
+    idx = IX.index_select(q, w, keys, pos0, ratio=4, top_k=k, config=cfg, interpret=True)
+    assert idx.shape == (b, t, k) and idx.dtype == jnp.int32
+    assert bool(jnp.all(idx == IX.mask_to_indices(IX.index_select_reference(q, w, keys, positions, 4, k), k)))
 
 
-@pytest.mark.parametrize("k", [1, 7, 200])
-def test_topk_mask_equals_lax_top_k_interpret(k):
-    """Random bf16 scores with -inf tails, signed zeros and repeated values; ties go to the lower index."""
+@pytest.mark.parametrize("k,bits", [(1, 4), (7, 8), (200, 4), (400, 4)])
+def test_topk_indices_equal_lax_top_k_interpret(k, bits):
+    """Random bf16 scores with -inf tails, signed zeros and repeated values; ties go to the lower index; rows
+    with fewer finite scores than k (and k > R) are padded with -1."""
     r = rng(k)
     s = jnp.asarray(r.standard_normal((5, 300)), jnp.bfloat16).astype(jnp.float32)
     s = s.at[:, ::7].set(0.0).at[:, 3::11].set(-0.0).at[:, 5::13].set(1.0)
     positions = jnp.asarray([[1199], [40], [0], [600], [803]])
     s = jnp.where(jnp.arange(300) < (positions + 1) // 4, s, -jnp.inf)
-    cfg = IX.IndexConfig(chunk=128, bs=64)
-    m = IX.topk_mask(s, top_k=k, cfg=cfg, interpret=True)
-    assert bool(jnp.all(m == select(s[:, None], positions, 4, k)[:, 0]))
+    cfg = IX.IndexConfig(chunk=128, bs=64, bits=bits)
+    idx = IX.topk_indices(s, top_k=k, cfg=cfg, interpret=True)
+    assert bool(jnp.all(idx == IX.mask_to_indices(select(s[:, None], positions, 4, k)[:, 0], k)))
+
+
+def test_indices_mask_round_trip():
+    m = jnp.asarray(rng(0).random((3, 4, 50)) < 0.3)
+    idx = IX.mask_to_indices(m, 50)
+    assert bool(jnp.all(IX.indices_to_mask(idx, 50) == m))
+    assert bool(jnp.all(jnp.diff(jnp.where(idx < 0, 50 + jnp.arange(50), idx), axis=-1) > 0))  # ascending, -1 last
 
 
 def test_dispatch_reference_path_is_the_reference():
@@ -130,7 +170,7 @@ def test_dispatch_reference_path_is_the_reference():
     q, w, keys = _index_inputs(r, 1, 4, 16, 64, 20)
     pos0 = jnp.asarray([60])
     ref = IX.index_select_reference(q, w, keys, pos0[:, None] + jnp.arange(4), 4, 5)
-    assert bool(jnp.all(kernels.index_select(q, w, keys, pos0, 4, 5, jnp.bfloat16) == ref))
+    assert bool(jnp.all(kernels.index_select(q, w, keys, pos0, 4, 5, jnp.bfloat16) == IX.mask_to_indices(ref, 5)))
 
 
 @pytest.mark.gpu
@@ -141,11 +181,12 @@ def test_gpu_attention_equals_reference(t, pos0, ratio, csa):
     n_rows = 131072 // ratio if t == 1 else 1024 // ratio * 4
     q, kv, ring, rows, sink = _attn_inputs(r, 2, t, 64, 512, 128, n_rows)
     pos0 = jnp.asarray(pos0)
-    sel = None
+    sel = idx = None
     if csa:
         scores = jnp.asarray(r.standard_normal((2, t, n_rows)), jnp.float32)
         sel = select(scores, pos0[:, None] + jnp.arange(t), ratio, 512)
-    o = kernels.window_attention(q, kv, ring, pos0, rows, sel, sink, ratio, jnp.bfloat16, top_k=512)
+        idx = IX.mask_to_indices(sel, 512)
+    o = kernels.window_attention(q, kv, ring, pos0, rows, idx, sink, ratio, jnp.bfloat16)
     _check_attention(o, q, kv, ring, pos0, sink, rows, fp32_reference=False, ratio=ratio, sel=sel)
 
 
@@ -157,5 +198,6 @@ def test_gpu_indexer_selects_reference_rows(t, pos0):
     q, w, keys = _index_inputs(r, 2, t, 64, 128, n_rows)
     pos0 = jnp.asarray(pos0)
     positions = pos0[:, None] + jnp.arange(t)
-    m = kernels.index_select(q, w, keys, pos0, 4, 512, jnp.bfloat16, query_block=32)
-    assert bool(jnp.all(m == IX.index_select_reference(q, w, keys, positions, 4, 512)))
+    idx = kernels.index_select(q, w, keys, pos0, 4, 512, jnp.bfloat16, query_block=32)
+    ref = IX.mask_to_indices(IX.index_select_reference(q, w, keys, positions, 4, 512), 512)
+    assert bool(jnp.all(idx == ref))
