@@ -253,14 +253,14 @@ def tiny(
 
     Dimensions are the smallest the number formats allow (FP8 blocks of 128 are padded where needed)."""
     ratios = tuple(0 if i < 2 else 4 if i % 2 == 0 else hca_ratio for i in range(num_hidden_layers))
-    kw = dict(
-        vocab_size=vocab_size, hidden_size=128, num_hidden_layers=num_hidden_layers,
-        num_nextn_predict_layers=int(mtp), num_attention_heads=4, head_dim=128, qk_rope_head_dim=64,
-        q_lora_rank=64, o_groups=2, o_lora_rank=64, n_routed_experts=8, num_experts_per_tok=2,
-        moe_intermediate_size=64, num_hash_layers=num_hash_layers, sliding_window=sliding_window,
-        compress_ratios=ratios + (0,) * int(mtp), index_n_heads=16, index_head_dim=64, index_topk=index_topk,
-        rope_scaling=RopeScaling(factor=16.0, original_max_position_embeddings=64),
-        max_position_embeddings=1024,
-    )
+    kw = {
+        "vocab_size": vocab_size, "hidden_size": 128, "num_hidden_layers": num_hidden_layers,
+        "num_nextn_predict_layers": int(mtp), "num_attention_heads": 4, "head_dim": 128, "qk_rope_head_dim": 64,
+        "q_lora_rank": 64, "o_groups": 2, "o_lora_rank": 64, "n_routed_experts": 8, "num_experts_per_tok": 2,
+        "moe_intermediate_size": 64, "num_hash_layers": num_hash_layers, "sliding_window": sliding_window,
+        "compress_ratios": ratios + (0,) * int(mtp), "index_n_heads": 16, "index_head_dim": 64, "index_topk": index_topk,
+        "rope_scaling": RopeScaling(factor=16.0, original_max_position_embeddings=64),
+        "max_position_embeddings": 1024,
+    }
     kw.update(overrides)
     return Config(**kw)

@@ -31,7 +31,7 @@ class SamplingParams:
         if not (0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+            raise TypeError(f"seed must be an integer, got {self.seed!r}")
         if isinstance(self.stop_strings, str) or any(not isinstance(s, str) or not s for s in self.stop_strings):
             raise ValueError(f"stop_strings must be a sequence of non-empty strings, got {self.stop_strings!r}")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):

@@ -55,8 +55,8 @@ def bench(name: str, config: d.Config, args) -> dict:
         _block(logits)
         steps.append(time.perf_counter() - t0)
     t_step = statistics.median(steps)
-    return dict(model=name, params=n_params, prefill=args.batch * args.prompt / t_prefill,
-                decode=args.batch / t_step, step_ms=1e3 * t_step)
+    return {"model": name, "params": n_params, "prefill": args.batch * args.prompt / t_prefill,
+                "decode": args.batch / t_step, "step_ms": 1e3 * t_step}
 
 
 def main():

@@ -122,12 +122,12 @@ def test_sampling_filters():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(temperature=-1.0), "temperature"),
-    (dict(top_p=0.0), "top_p"),
-    (dict(top_k=-2), "top_k"),
-    (dict(max_new_tokens=0), "max_new_tokens"),
-    (dict(max_new_tokens=10, max_len=12), "exceeds max_len"),
-    (dict(max_new_tokens=2000), "context"),
+    ({"temperature": -1.0}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_k": -2}, "top_k"),
+    ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"max_new_tokens": 10, "max_len": 12}, "exceeds max_len"),
+    ({"max_new_tokens": 2000}, "context"),
 ])
 def test_bad_requests_are_refused_before_work(kwargs, match):
     with pytest.raises(ValueError, match=match):

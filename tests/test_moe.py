@@ -68,7 +68,7 @@ def test_moe_layer_with_clipped_shared_expert():
     routed = np.zeros_like(xs)
     for t in range(xs.shape[0]):
         for j, eid in enumerate(ids.reshape(-1, 2)[t]):
-            we = [_np(jax.tree.map(lambda a: a[eid], getattr(e, k))) for k in ("w1", "w2", "w3")]
+            we = [_np(jax.tree.map(lambda a, eid=eid: a[eid], getattr(e, k))) for k in ("w1", "w2", "w3")]
             a = np.minimum(xs[t] @ we[0].T, 10)
             u = np.clip(xs[t] @ we[2].T, -10, 10)
             routed[t] += (w.reshape(-1, 2)[t, j] * a / (1 + np.exp(-a)) * u) @ we[1].T

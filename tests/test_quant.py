@@ -121,7 +121,7 @@ def test_linear_applies_the_nvfp4_global_scale_in_every_dtype():
     x = jnp.asarray(rng.normal(size=(5, 64)), jnp.float32)
     full = np.asarray(quant.dequantize_full(w))
     for e in range(3):
-        we = jax.tree.map(lambda a: a[e], w)
+        we = jax.tree.map(lambda a, e=e: a[e], w)
         want = np.asarray(x) @ full[e].T
         np.testing.assert_allclose(np.asarray(quant.linear(x, we, jnp.float32)), want, rtol=1e-5, atol=1e-5)
         got = np.asarray(quant.linear(x, we, jnp.bfloat16, jnp.float32))
