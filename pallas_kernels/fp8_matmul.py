@@ -3,9 +3,9 @@ CHECKPOINT.md §3.4), in Pallas-Triton and as an XLA formulation, with the pure-
 
 ``x [M, K]`` bf16, ``W [N, K]`` e4m3 with ``scale [ceil(N/128), ceil(K/128)]`` UE8M0 -> ``y [M, N]``.
 The weights are used in their stored layout (no repacking). The kernel walks K in 128-wide steps, so one
-scale covers a whole ``[bn <= 128, 128]`` weight tile: the tile is converted to bf16 (exact), multiplied
-against ``x`` with fp32 accumulation, and the partial product is scaled by ``2^(e - 127)`` (exact) before it
-joins the accumulator.
+scale covers a whole ``[bn <= 128, 128]`` weight tile: the tile is converted to bf16 (exact; by Triton's
+conversion or by the bit-placement PTX of :func:`decode_e4m3_asm`), multiplied against ``x`` with fp32
+accumulation, and the partial product is scaled by ``2^(e - 127)`` (exact) before it joins the accumulator.
 
 The XLA formulation (:func:`fp8_matmul_xla`) folds the power-of-two scales into the activations instead,
 ``x_b = x * 2^(e[b, kb])`` (exact in bf16 away from over/underflow), and runs one batched dot over the
@@ -30,7 +30,8 @@ BLOCK = quant.FP8_BLOCK
 
 @dataclasses.dataclass(frozen=True)
 class Fp8Config:
-    """Tiles of one launch (``bn`` divides 128); ``method``: ``"pallas"``, ``"xla"`` or ``"dequant_dot"``."""
+    """Tiles of one launch (``bn`` divides 128); ``method``: ``"pallas"``, ``"xla"`` or ``"dequant_dot"``;
+    ``decode``: ``"convert"`` (Triton's e4m3 -> bf16 conversion) or ``"asm"`` (:func:`decode_e4m3_asm`)."""
 
     bm: int = 16
     bn: int = 64
@@ -39,20 +40,27 @@ class Fp8Config:
     num_warps: int = 4
     num_stages: int = 4
     method: str = "pallas"
+    decode: str = "convert"
 
 
 def default_config(m: int, n: int, k: int) -> Fp8Config:
-    """Per-shape configuration (H200 measurements, BENCHMARKS.md)."""
+    """Per-shape configuration (H200 measurements, BENCHMARKS.md): the XLA formulation where it measured
+    faster (M=2..4 with N >= 4096: 8192x8192 26.2 against 30.6 us; M=1 with N <= 1024: wq_a 4.2 against
+    5.2 us), else the Pallas kernel split along K to about 256 programs (narrow N: bn 32 and the PTX decoder,
+    wq_a 5.2 against 5.7 us); dequantise + cuBLAS from M=256."""
     if m >= 256:
         return Fp8Config(method="dequant_dot")
+    if (1 < m <= 4 and n >= 4096) or (m == 1 and n <= 1024):
+        return Fp8Config(method="xla")
     bm = 16 if m <= 16 else (32 if m <= 32 else 64)
     if m <= 64:
-        tiles = -(-n // 64)
+        bn, decode = (32, "asm") if n <= 1024 else (64, "convert")
+        tiles = -(-n // bn)
         kb = -(-k // BLOCK)
         split = 1
         while tiles * split < 256 and split < 8 and kb % (split * 2) == 0 and kb // (split * 2) >= 4:
             split *= 2
-        return Fp8Config(bm=bm, bn=64, split_k=split, swap_ab=True)
+        return Fp8Config(bm=bm, bn=bn, split_k=split, swap_ab=True, decode=decode)
     return Fp8Config(bm=64, bn=128, split_k=1, swap_ab=False, num_warps=4, num_stages=3)
 
 
@@ -64,6 +72,50 @@ def fp8_matmul_reference(x: jax.Array, w: quant.Fp8Block, out_dtype=jnp.bfloat16
 def _e8m0_to_f32(byte: jax.Array) -> jax.Array:
     """UE8M0 byte -> ``2^(byte - 127)`` by placing it in the fp32 exponent (byte 0, 2^-127, reads as 0)."""
     return jax.lax.bitcast_convert_type(byte.astype(jnp.int32) << 23, jnp.float32)
+
+
+# e4m3 -> bf16 by bit placement (KERNELS.md §4.2): byte (s, e3..e0, m2..m0) -> bf16 sign at 15, e at
+# exponent bits 10-7, m at mantissa bits 6-4 reads as exactly e4m3 x 2^-120 (bf16 subnormals for e = 0, as
+# e4m3's), and one `fma.rn.bf16x2` by 2^120 (0x7B80) makes it exact e4m3. 4 bytes per instance ($2), two bf16x2
+# results ($0: bytes 0-1, $1: bytes 2-3); each result depends on its own byte only. NaN codes decode as 480.
+_E4M3_PTX = """
+{
+.reg .b32 a0, a1, t0, t1, zero, e120, negz;
+mov.b32 zero, 0;
+mov.b32 e120, 0x7B807B80;
+mov.b32 negz, 0x80008000;
+prmt.b32 a0, zero, $2, 0x5140;
+prmt.b32 a1, zero, $2, 0x7362;
+shr.b32 t0, a0, 4;
+shr.b32 t1, a1, 4;
+and.b32 t0, t0, 0x07F007F0;
+and.b32 t1, t1, 0x07F007F0;
+lop3.b32 t0, t0, a0, 0x80008000, 0xF8;
+lop3.b32 t1, t1, a1, 0x80008000, 0xF8;
+fma.rn.bf16x2 $0, t0, e120, negz;
+fma.rn.bf16x2 $1, t1, e120, negz;
+}
+"""
+
+
+def decode_e4m3_asm(w: jax.Array) -> jax.Array:
+    """uint8 tile of e4m3 bytes -> exact bf16 values (inline PTX; GPU only)."""
+    [v] = plt.elementwise_inline_asm(_E4M3_PTX, args=[w], constraints="=r,=r,r", pack=4,
+                                     result_shape_dtypes=[jax.ShapeDtypeStruct(w.shape, jnp.bfloat16)])
+    return v
+
+
+def emulate_e4m3_ptx(word: int) -> list[int]:
+    """Bit-level model of ``_E4M3_PTX`` before the ``fma`` (CPU tests): 4 little-endian bytes -> the bf16 bit
+    patterns (``e4m3 x 2^-120``) of the 4 values."""
+    from .nvfp4_layout import _prmt
+
+    out = []
+    for sel in (0x5140, 0x7362):
+        a = _prmt(0, word, sel)
+        t = ((a >> 4) & 0x07F007F0) | (a & 0x80008000)
+        out += [t & 0xFFFF, t >> 16]
+    return out
 
 
 def _dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -87,7 +139,7 @@ def _fp8_kernel(x_ref, w_ref, s_ref, o_ref, *, cfg: Fp8Config, m: int, n: int, k
         col_ok = (cols < k)[None, :]
         w_ref_t = w_ref.at[pl.ds(pn * bn, bn), pl.ds(k0, BLOCK)]
         if n % bn or k % BLOCK:
-            w = plt.load(w_ref_t, mask=wrow_ok[:, None] & col_ok, other=0.0)
+            w = plt.load(w_ref_t, mask=wrow_ok[:, None] & col_ok, other=0 if cfg.decode == "asm" else 0.0)
         else:
             w = w_ref_t[...]
         x_ref_t = x_ref.at[pl.ds(pm * bm, bm), pl.ds(k0, BLOCK)]
@@ -95,7 +147,7 @@ def _fp8_kernel(x_ref, w_ref, s_ref, o_ref, *, cfg: Fp8Config, m: int, n: int, k
             x = plt.load(x_ref_t, mask=row_ok[:, None] & col_ok, other=0.0)
         else:
             x = x_ref_t[...]
-        w = w.astype(jnp.bfloat16)
+        w = decode_e4m3_asm(w) if cfg.decode == "asm" else w.astype(jnp.bfloat16)
         part = _dot_nt(w, x) if cfg.swap_ab else _dot_nt(x, w)
         return acc + part * _e8m0_to_f32(s_ref[sb, kb])
 
@@ -125,12 +177,15 @@ def _pallas(x, w: quant.Fp8Block, out_dtype, cfg: Fp8Config, interpret: bool):
         out_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
     else:
         out_shape = jax.ShapeDtypeStruct((cfg.split_k, m, n), jnp.float32)
+    if interpret:
+        cfg = dataclasses.replace(cfg, decode="convert")
     kernel = functools.partial(_fp8_kernel, cfg=cfg, m=m, n=n, k=k, steps=steps)
     scale = jax.lax.bitcast_convert_type(w.scale, jnp.uint8)
+    weight = jax.lax.bitcast_convert_type(w.weight, jnp.uint8) if cfg.decode == "asm" else w.weight
     y = pl.pallas_call(
         kernel, out_shape=out_shape, grid=grid, interpret=interpret, name="fp8_block_matmul",
         compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-    )(x.astype(jnp.bfloat16), w.weight, scale)
+    )(x.astype(jnp.bfloat16), weight, scale)
     if cfg.split_k == 1:
         return y
     return y.sum(0).astype(out_dtype)

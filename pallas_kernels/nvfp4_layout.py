@@ -6,16 +6,21 @@ and ``2j+1`` in the high nibble, ``weight_scale [N, K/16]`` e4m3, fp32 ``weight_
 Kernel layout (:class:`Nvfp4Packed`), made once at load time and exactly reversible (:func:`unpack_nvfp4`):
 
 * N is padded to a multiple of ``pad_n`` and K to a multiple of ``pad_k`` with zero codes and zero scales;
-* the nibbles are re-paired by a *half split*: with ``H = Kp/2``, byte ``[n, j]`` holds code ``[n, j]`` in its
-  low nibble and code ``[n, H + j]`` in its high nibble. A kernel step that reads packed columns
-  ``[j0, j0 + b)`` therefore decodes two contiguous K ranges, ``[j0, j0 + b)`` from the low nibbles and
-  ``[H + j0, H + j0 + b)`` from the high ones, each multiplied against one contiguous slice of ``x``: no
-  interleave, no shuffle of activations, and any K tile size works with the same bytes;
+* the codes are re-paired by a *half split*: with ``H = Kp/2``, byte ``[n, j]`` holds code ``[n, j]`` (the
+  "lo" code) and code ``[n, H + j]`` (the "hi" code). A kernel step that reads packed columns ``[j0, j0 + b)``
+  therefore decodes two contiguous K ranges, ``[j0, j0 + b)`` and ``[H + j0, H + j0 + b)``, each multiplied
+  against one contiguous slice of ``x``: no interleave, no shuffle of activations, and any K tile size works
+  with the same bytes;
+* inside each byte the 8 code bits are permuted (:data:`LO_BITS`, :data:`HI_BITS`) so that the decoder can
+  move them into bf16 positions with byte permutes and one mask (see :func:`decode_asm`): the lo code's sign,
+  E1, E0, M bits sit at byte bits 7, 0, 6, 5 and the hi code's at 4, 3, 2, 1;
 * scales stay row-major ``[Np, Kp/16]`` e4m3 (a 16-block never straddles the halves since ``H % 16 == 0``).
 
-Decoding (KERNELS.md §4.2): every E2M1 x e4m3 product is exact in bf16, so a weight tile is decoded to
-``E2M1(code) * weight_scale`` in bf16 without rounding, fed to the bf16 tensor cores with fp32 accumulation,
-and the fp32 ``weight_scale_2`` multiplies the accumulator in the epilogue.
+Decoding (KERNELS.md §4.2): every E2M1 x e4m3 product is exact in bf16. The decoders return the exact bf16
+tile ``E2M1(code) * weight_scale * 2^-7`` (:data:`DECODE_LOG2`; why the power of two, see
+:func:`decode_asm`), the kernels feed it to the bf16 tensor cores with fp32 accumulation, and multiply the
+accumulator by ``2^7 * weight_scale_2`` in the epilogue: a power-of-two rescaling of every product and partial
+sum, so the result is the one of the unscaled weights (barring fp32 underflow below ``2^-119``).
 """
 
 from __future__ import annotations
@@ -31,11 +36,18 @@ from dsv4_jax import quant
 PAD_N = 128
 PAD_K = 256
 
+# Byte bit of each code bit (sign, E1, E0, M = code bits 3, 2, 1, 0) for the lo and the hi code of a byte.
+LO_BITS = (7, 0, 6, 5)
+HI_BITS = (4, 3, 2, 1)
+DECODE_LOG2 = -7
+"""Decoded tiles are ``W * 2^DECODE_LOG2``; kernels multiply ``2^-DECODE_LOG2`` into their epilogue scale."""
+UNDO_DECODE_SCALE = 2.0 ** -DECODE_LOG2
+
 
 @dataclasses.dataclass(frozen=True)
 class Nvfp4Packed:
-    """NVFP4 weight ``[..., n, k]`` in kernel layout. ``qweight [..., Np, Kp/2]`` uint8 (half-split nibbles),
-    ``scale [..., Np, Kp/16]`` float8_e4m3fn, ``weight_scale_2 [...]`` and ``input_scale [...]`` fp32;
+    """NVFP4 weight ``[..., n, k]`` in kernel layout. ``qweight [..., Np, Kp/2]`` uint8 (half-split, bit-permuted
+    codes), ``scale [..., Np, Kp/16]`` float8_e4m3fn, ``weight_scale_2 [...]`` and ``input_scale [...]`` fp32;
     ``n`` and ``k`` (static) are the logical sizes."""
 
     qweight: jax.Array
@@ -66,6 +78,22 @@ def _round_up(a: int, b: int) -> int:
     return -(-a // b) * b
 
 
+def _place(code: jax.Array, bits: tuple[int, ...]) -> jax.Array:
+    """Code bits 3, 2, 1, 0 -> byte bits ``bits``."""
+    return sum(((code >> (3 - i)) & 1) << b for i, b in enumerate(bits))
+
+
+def _take(byte: jax.Array, bits: tuple[int, ...]) -> jax.Array:
+    """Inverse of :func:`_place`: the code whose bits 3, 2, 1, 0 sit at byte bits ``bits``."""
+    return sum(((byte >> b) & 1) << (3 - i) for i, b in enumerate(bits))
+
+
+def split_codes(q: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Kernel-layout bytes -> (lo codes, hi codes), uint8 values 0..15."""
+    q = q.astype(jnp.uint8)
+    return _take(q, LO_BITS).astype(jnp.uint8), _take(q, HI_BITS).astype(jnp.uint8)
+
+
 def pack_nvfp4(w: quant.Nvfp4, pad_n: int = PAD_N, pad_k: int = PAD_K) -> Nvfp4Packed:
     """Checkpoint NVFP4 ``[..., N, K/2]`` -> kernel layout (exact; see the module docstring)."""
     if pad_k % 32:
@@ -75,9 +103,9 @@ def pack_nvfp4(w: quant.Nvfp4, pad_n: int = PAD_N, pad_k: int = PAD_K) -> Nvfp4P
         raise ValueError(f"NVFP4 input dimension {k} is not a multiple of 16")
     npad, kpad = _round_up(n, pad_n), _round_up(k, pad_k)
     lead = [(0, 0)] * (w.weight.ndim - 2)
-    codes = jnp.pad(quant.unpack_nibbles(w.weight), lead + [(0, npad - n), (0, kpad - k)])
+    codes = jnp.pad(quant.unpack_nibbles(w.weight), lead + [(0, npad - n), (0, kpad - k)]).astype(jnp.uint8)
     half = kpad // 2
-    q = codes[..., :half] | (codes[..., half:] << 4)
+    q = _place(codes[..., :half], LO_BITS) | _place(codes[..., half:], HI_BITS)
     s = jnp.pad(w.weight_scale, lead + [(0, npad - n), (0, (kpad - k) // quant.NVFP4_BLOCK)])
     return Nvfp4Packed(q.astype(jnp.uint8), s, jnp.asarray(w.weight_scale_2, jnp.float32),
                        jnp.asarray(w.input_scale, jnp.float32), int(n), int(k))
@@ -85,7 +113,7 @@ def pack_nvfp4(w: quant.Nvfp4, pad_n: int = PAD_N, pad_k: int = PAD_K) -> Nvfp4P
 
 def unpack_nvfp4(p: Nvfp4Packed) -> quant.Nvfp4:
     """Inverse of :func:`pack_nvfp4`: the checkpoint bytes, bit for bit."""
-    codes = jnp.concatenate([p.qweight & 0x0F, p.qweight >> 4], axis=-1)[..., :p.n, :p.k]
+    codes = jnp.concatenate(split_codes(p.qweight), axis=-1)[..., :p.n, :p.k]
     s = p.scale[..., :p.n, :p.k // quant.NVFP4_BLOCK]
     return quant.Nvfp4(quant.pack_nibbles(codes), s, p.weight_scale_2, p.input_scale)
 
@@ -100,7 +128,8 @@ def dequantize_packed(p: Nvfp4Packed, dtype=jnp.bfloat16) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# In-kernel decoders: uint8 tile of half-split bytes + bf16 scales -> two exact bf16 tiles.
+# In-kernel decoders: uint8 tile of kernel-layout bytes + its two e4m3 scale tiles -> two exact bf16 tiles
+# ``E2M1 * scale * 2^DECODE_LOG2`` (lo codes, hi codes).
 
 # bf16 bit patterns of the E2M1 magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6 (CHECKPOINT.md §2.1).
 E2M1_BF16_BITS = np.array([0x0000, 0x3F00, 0x3F80, 0x3FC0, 0x4000, 0x4040, 0x4080, 0x40C0], np.uint16)
@@ -117,56 +146,68 @@ def e2m1_to_bf16(codes: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(mag | ((n & 8) << 12), jnp.bfloat16)
 
 
+def _scales(s: jax.Array, log2: int) -> jax.Array:
+    """e4m3 scale tile -> bf16 ``s * 2^log2`` (exact: 4 significant bits, in range for ``log2 <= 119``)."""
+    return (s.astype(jnp.float32) * 2.0**log2).astype(jnp.bfloat16)
+
+
 def decode_int(q: jax.Array, s_lo: jax.Array, s_hi: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Portable decoder (Triton and interpret mode). ``q [R, C]`` uint8, ``s_lo, s_hi [R, C/16]`` bf16 ->
-    ``(lo, hi)`` bf16 ``[R, C]``: low nibbles times ``s_lo``, high nibbles times ``s_hi`` (exact products)."""
+    """Portable decoder (Triton and interpret mode). ``q [R, C]`` uint8, ``s_lo, s_hi [R, C/16]`` e4m3 ->
+    ``(lo, hi)`` bf16 ``[R, C]``: lo codes times ``s_lo``, hi codes times ``s_hi``, times ``2^DECODE_LOG2``
+    (exact products of normal numbers)."""
     r, c = q.shape
-    q3 = q.reshape(r, c // 16, 16)
-    lo = e2m1_to_bf16(q3 & 0x0F) * s_lo[:, :, None]
-    hi = e2m1_to_bf16(q3 >> 4) * s_hi[:, :, None]
+    lo_codes, hi_codes = split_codes(q.reshape(r, c // 16, 16))
+    lo = e2m1_to_bf16(lo_codes) * _scales(s_lo, DECODE_LOG2)[:, :, None]
+    hi = e2m1_to_bf16(hi_codes) * _scales(s_hi, DECODE_LOG2)[:, :, None]
     return lo.reshape(r, c), hi.reshape(r, c)
 
 
-# PTX for 4 bytes (8 codes) per instance: `prmt` looks the high and low bytes of the bf16 magnitude up in two
-# 8-entry byte tables (selector = the 3 magnitude bits of each nibble), a second `prmt` interleaves them into
-# bf16x2 pairs, a sign-replicating `prmt` + and/or moves each nibble's sign to bit 15/31, and one
-# `fma.rn.bf16x2` applies the block scales (exact: the product is representable). One instance returns the
-# low nibbles ($0: bytes 0-1, $1: bytes 2-3), the other the high ones; $2: the 4 bytes; $3, $4: the scales.
-# (Two single-result instances: jax 0.11.2's Triton lowering mishandles multi-result inline asm.)
-_PTX_TEMPLATE = """
+# Bit placement (KERNELS.md §4.2): an E2M1 code (s, E1, E0, M) written into bf16 bits 15, 8, 7, 6 (all others
+# zero) reads as exactly E2M1 x 2^-126: E > 0 gives 2^(E-127) (1 + M/2), E = 0 the bf16 subnormal M x 2^-127,
+# the same structure as E2M1's. One `fma.rn.bf16x2` with the block scale times 2^119 (exact in bf16: s <= 448
+# has 4 significant bits and 448 x 2^119 < 2^128; 2^126 would overflow) then gives E2M1 x s x 2^-7 exactly
+# (a normal number of <= 6 significant bits); the epilogue undoes the 2^-7.
+# Per 4 bytes (one instance, pack=4): $2 the bytes, $3/$4 the scales of elements 0-1/2-3, $0/$1 the results.
+# lo codes (byte bits 7, 0, 6, 5): `prmt` puts byte i at bf16 high byte (sign at 15, E1 at 8) and byte i << 1
+# at the low byte (E0 at 7, M at 6); one mask clears the rest: 5 integer instructions for 4 weights.
+_PTX_LO = """
 {
-.reg .b32 lh0, lh1, ll0, ll1, zero, negz, m, m2, w, hb, lb, hb2, lb2, v, sg;
-mov.b32 lh0, 0x3F3F3F00;
-mov.b32 lh1, 0x40404040;
-mov.b32 ll0, 0xC0800000;
-mov.b32 ll1, 0xC0804000;
-mov.b32 zero, 0;
+.reg .b32 b, t0, t1, negz;
 mov.b32 negz, 0x80008000;
-and.b32 m, $2, 0x77777777;
-shr.u32 m2, m, 16;
-SIGN_SOURCE
-prmt.b32 hb, lh0, lh1, m;
-prmt.b32 lb, ll0, ll1, m;
-prmt.b32 hb2, lh0, lh1, m2;
-prmt.b32 lb2, ll0, ll1, m2;
-prmt.b32 v, lb, hb, SELECT;
-prmt.b32 sg, w, zero, 0x9484;
-and.b32 sg, sg, 0x80008000;
-or.b32 v, v, sg;
-fma.rn.bf16x2 $0, v, $3, negz;
-prmt.b32 v, lb2, hb2, SELECT;
-prmt.b32 sg, w, zero, 0xB4A4;
-and.b32 sg, sg, 0x80008000;
-or.b32 v, v, sg;
-fma.rn.bf16x2 $1, v, $4, negz;
+shl.b32 b, $2, 1;
+prmt.b32 t0, b, $2, 0x5140;
+prmt.b32 t1, b, $2, 0x7362;
+and.b32 t0, t0, 0x81C081C0;
+and.b32 t1, t1, 0x81C081C0;
+fma.rn.bf16x2 $0, t0, $3, negz;
+fma.rn.bf16x2 $1, t1, $4, negz;
 }
 """
-_PTX_LO = _PTX_TEMPLATE.replace("SIGN_SOURCE", "shl.b32 w, $2, 4;").replace("SELECT", "0x6240")
-_PTX_HI = _PTX_TEMPLATE.replace("SIGN_SOURCE", "mov.b32 w, $2;").replace("SELECT", "0x7351")
+# hi codes (byte bits 4, 3, 2, 1): after `<< 3` the sign is each byte's msb; `prmt` puts the byte in the low
+# byte and its replicated sign in the high byte of each bf16, `<< 2` moves E1, E0, M to bits 8-6: 7 instructions.
+_PTX_HI = """
+{
+.reg .b32 c, t0, t1, zero, negz;
+mov.b32 zero, 0;
+mov.b32 negz, 0x80008000;
+shl.b32 c, $2, 3;
+prmt.b32 t0, c, zero, 0x9180;
+prmt.b32 t1, c, zero, 0xB3A2;
+shl.b32 t0, t0, 2;
+shl.b32 t1, t1, 2;
+and.b32 t0, t0, 0x81C081C0;
+and.b32 t1, t1, 0x81C081C0;
+fma.rn.bf16x2 $0, t0, $3, negz;
+fma.rn.bf16x2 $1, t1, $4, negz;
+}
+"""
+# (Two single-result instances: jax 0.11.2's Triton lowering mishandles multi-result inline asm. The per-byte
+# placement keeps each element's result a function of its own byte, whatever elements Triton packs together.)
+ASM_SCALE_LOG2 = 119
 
 
 def decode_asm(q: jax.Array, s_lo: jax.Array, s_hi: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """:func:`decode_int` in inline PTX, about 4 instructions per weight (GPU only; not interpretable)."""
+    """:func:`decode_int` in inline PTX, 1.5 integer instructions + one half `fma` per weight (GPU only)."""
     from jax.experimental.pallas import triton as plt
 
     r, c = q.shape
@@ -175,36 +216,33 @@ def decode_asm(q: jax.Array, s_lo: jax.Array, s_hi: jax.Array) -> tuple[jax.Arra
     out = [jax.ShapeDtypeStruct(shape, jnp.bfloat16)]
     res = []
     for ptx, s in ((_PTX_LO, s_lo), (_PTX_HI, s_hi)):
-        scale = jnp.broadcast_to(s[:, :, None], shape)
+        scale = jnp.broadcast_to(_scales(s, ASM_SCALE_LOG2)[:, :, None], shape)
         [v] = plt.elementwise_inline_asm(ptx, args=[q3, scale], constraints="=r,=r,r,r,r", pack=4,
                                          result_shape_dtypes=out)
         res.append(v.reshape(r, c))
     return res[0], res[1]
 
 
+def _prmt(a: int, b: int, c: int) -> int:
+    """PTX ``prmt.b32`` (default mode): byte i of the result is byte ``c[4i+2:4i]`` of ``{b, a}``, or its
+    replicated sign when ``c[4i+3]`` is set."""
+    src = (b << 32) | a
+    out = 0
+    for i in range(4):
+        sel = (c >> (4 * i)) & 0xF
+        byte = (src >> (8 * (sel & 7))) & 0xFF
+        if sel & 8:
+            byte = 0xFF if byte & 0x80 else 0
+        out |= byte << (8 * i)
+    return out
+
+
 def emulate_decode_ptx(word: int) -> tuple[list[int], list[int]]:
-    """Bit-level model of ``_PTX_LO`` / ``_PTX_HI`` without the scale multiply (for CPU tests): one little-endian
-    32-bit word of 4 bytes -> bf16 bit patterns of the 4 low-nibble and 4 high-nibble codes."""
-
-    def prmt(a: int, b: int, c: int) -> int:
-        src = (b << 32) | a
-        out = 0
-        for i in range(4):
-            sel = (c >> (4 * i)) & 0xF
-            byte = (src >> (8 * (sel & 7))) & 0xFF
-            if sel & 8:
-                byte = 0xFF if byte & 0x80 else 0
-            out |= byte << (8 * i)
-        return out
-
-    m = word & 0x77777777
-    m2 = m >> 16
-    w4 = (word << 4) & 0xFFFFFFFF
-    hb, lb = prmt(0x3F3F3F00, 0x40404040, m), prmt(0xC0800000, 0xC0804000, m)
-    hb2, lb2 = prmt(0x3F3F3F00, 0x40404040, m2), prmt(0xC0800000, 0xC0804000, m2)
-    regs = []
-    for base, sgn_src, sel in ((prmt(lb, hb, 0x6240), w4, 0x9484), (prmt(lb2, hb2, 0x6240), w4, 0xB4A4),
-                               (prmt(lb, hb, 0x7351), word, 0x9484), (prmt(lb2, hb2, 0x7351), word, 0xB4A4)):
-        regs.append(base | (prmt(sgn_src, 0, sel) & 0x80008000))
-    halves = [[r & 0xFFFF, r >> 16] for r in regs]
-    return halves[0] + halves[1], halves[2] + halves[3]
+    """Bit-level model of ``_PTX_LO`` / ``_PTX_HI`` before the scale ``fma`` (for CPU tests): one little-endian
+    32-bit word of 4 bytes -> bf16 bit patterns (``E2M1 x 2^-126``) of the 4 lo and the 4 hi codes."""
+    m32, mask = 0xFFFFFFFF, 0x81C081C0
+    b = (word << 1) & m32
+    lo = [_prmt(b, word, 0x5140) & mask, _prmt(b, word, 0x7362) & mask]
+    c = (word << 3) & m32
+    hi = [((_prmt(c, 0, sel) << 2) & m32) & mask for sel in (0x9180, 0xB3A2)]
+    return ([r >> s & 0xFFFF for r in lo for s in (0, 16)], [r >> s & 0xFFFF for r in hi for s in (0, 16)])

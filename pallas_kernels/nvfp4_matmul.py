@@ -3,9 +3,9 @@
 ``x [M, K]`` bf16, ``W [N, K]`` NVFP4 in kernel layout (:mod:`pallas_kernels.nvfp4_layout`) -> ``y [M, N]``.
 Each program owns a ``[bm, bn]`` output tile (or one K slice of it under split-K) and walks K in steps of
 ``bk``: it loads ``bn x bk/2`` bytes of codes and the matching e4m3 scales, decodes them exactly into two
-bf16 tiles (low and high nibbles: two contiguous K ranges, see the layout module), and runs two bf16 dots
-with fp32 accumulation. The fp32 global scale (times the activation scale of the W4A4 option) multiplies
-the accumulator in the epilogue. With ``swap_ab`` the weights are the left operand (``W_tile @ x_tile^T``),
+bf16 tiles (lo and hi codes: two contiguous K ranges, see the layout module; both ``W x 2^-7``), and runs
+two bf16 dots with fp32 accumulation. The fp32 global scale times ``2^7`` (times the activation scale of the
+W4A4 option) multiplies the accumulator in the epilogue. With ``swap_ab`` the weights are the left operand (``W_tile @ x_tile^T``),
 so that a decode-sized M (16) is the narrow side of the tensor-core tile. Split-K writes fp32 partial sums
 that one small XLA reduction adds up.
 
@@ -25,7 +25,7 @@ from jax.experimental.pallas import triton as plt
 
 from dsv4_jax import quant
 
-from .nvfp4_layout import Nvfp4Packed, decode_asm, decode_int, unpack_nvfp4
+from .nvfp4_layout import UNDO_DECODE_SCALE, Nvfp4Packed, decode_asm, decode_int, unpack_nvfp4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +64,8 @@ def default_config(m: int, n: int, k: int) -> MatmulConfig:
     split = 1
     while split < 8 and tiles * split * 2 <= 1024 and k % (bk * split * 2) == 0 and k // (bk * split * 2) >= 2:
         split *= 2
-    return MatmulConfig(bm=bm, bn=bn, bk=bk, split_k=split, swap_ab=True, num_warps=4, num_stages=4)
+    # 8192x8192, M=1 (BENCHMARKS.md): bn 64, bk 256, split 8, 3 stages 27.7 us; 4 stages 30.0, 6 stages 36.0.
+    return MatmulConfig(bm=bm, bn=bn, bk=bk, split_k=split, swap_ab=True, num_warps=4, num_stages=3)
 
 
 def nvfp4_matmul_reference(x: jax.Array, w: quant.Nvfp4, out_dtype=jnp.bfloat16,
@@ -120,8 +121,8 @@ def _matmul_kernel(x_ref, q_ref, s_ref, g_ref, o_ref, *, cfg: MatmulConfig, m: i
     def body(t, acc):
         j0 = pl.multiple_of((sk * steps + t) * bkh, bkh)
         q = q_ref[pl.ds(pn * bn, bn), pl.ds(j0, bkh)]
-        s_lo = s_ref[pl.ds(pn * bn, bn), pl.ds(j0 // 16, bkh // 16)].astype(jnp.bfloat16)
-        s_hi = s_ref[pl.ds(pn * bn, bn), pl.ds((half + j0) // 16, bkh // 16)].astype(jnp.bfloat16)
+        s_lo = s_ref[pl.ds(pn * bn, bn), pl.ds(j0 // 16, bkh // 16)]
+        s_hi = s_ref[pl.ds(pn * bn, bn), pl.ds((half + j0) // 16, bkh // 16)]
         w_lo, w_hi = decode(q, s_lo, s_hi)
         x_lo, x_hi = load_x(j0), load_x(half + j0)
         if cfg.swap_ab:
@@ -135,7 +136,7 @@ def _matmul_kernel(x_ref, q_ref, s_ref, g_ref, o_ref, *, cfg: MatmulConfig, m: i
     cols = pn * bn + jax.lax.broadcasted_iota(jnp.int32, (bn,), 0)
     mask = row_ok[:, None] & (cols < n)[None, :]
     if cfg.split_k == 1:
-        out = (acc * g_ref[0]).astype(o_ref.dtype)
+        out = (acc * (g_ref[0] * UNDO_DECODE_SCALE)).astype(o_ref.dtype)
         plt.store(o_ref.at[pl.ds(pm * bm, bm), pl.ds(pn * bn, bn)], out, mask=mask)
     else:
         plt.store(o_ref.at[sk, pl.ds(pm * bm, bm), pl.ds(pn * bn, bn)], acc, mask=mask)
@@ -165,7 +166,7 @@ def _fused(x, p: Nvfp4Packed, scale, out_dtype, cfg: MatmulConfig, interpret: bo
     )(x.astype(jnp.bfloat16), p.qweight, p.scale, scale.reshape(1))
     if cfg.split_k == 1:
         return y
-    return (y.sum(0) * scale).astype(out_dtype)
+    return (y.sum(0) * (scale * UNDO_DECODE_SCALE)).astype(out_dtype)
 
 
 def _dequant_kernel(q_ref, s_ref, o_ref, *, bn: int, bkh: int, n: int, k: int, kp: int, decode):
@@ -173,9 +174,11 @@ def _dequant_kernel(q_ref, s_ref, o_ref, *, bn: int, bkh: int, n: int, k: int, k
     half = kp // 2
     j0 = pk * bkh
     q = q_ref[pl.ds(pn * bn, bn), pl.ds(j0, bkh)]
-    s_lo = s_ref[pl.ds(pn * bn, bn), pl.ds(j0 // 16, bkh // 16)].astype(jnp.bfloat16)
-    s_hi = s_ref[pl.ds(pn * bn, bn), pl.ds((half + j0) // 16, bkh // 16)].astype(jnp.bfloat16)
+    s_lo = s_ref[pl.ds(pn * bn, bn), pl.ds(j0 // 16, bkh // 16)]
+    s_hi = s_ref[pl.ds(pn * bn, bn), pl.ds((half + j0) // 16, bkh // 16)]
     w_lo, w_hi = decode(q, s_lo, s_hi)
+    # Exact: the decoded tiles are W x 2^DECODE_LOG2 with at most 6 significant bits, in the normal range.
+    w_lo, w_hi = w_lo * UNDO_DECODE_SCALE, w_hi * UNDO_DECODE_SCALE
     rows = pn * bn + jax.lax.broadcasted_iota(jnp.int32, (bn,), 0)
     cols = j0 + jax.lax.broadcasted_iota(jnp.int32, (bkh,), 0)
     row_ok = (rows < n)[:, None]

@@ -4,17 +4,22 @@ pure-JAX reference.
 ``y[t] = sum_j w[t, j] * expert_{ids[t, j]}(x[t])`` where ``expert(x) = w2(SiLU(min(x w1^T, L)) *
 clamp(x w3^T, -L, L))`` and the routing weight multiplies the hidden before w2 (``moe.expert_ffn``).
 
-Schedule (built in XLA, static sizes): the ``P = T*k`` (token, expert) pairs are sorted by expert and each
-expert's rows are padded to a multiple of ``bm``, so that every row tile of ``bm`` slots belongs to one
-expert; at most ``P // bm + min(P, E)`` tiles exist, and only experts that received tokens own tiles (the
-others are never read). Unused tiles carry expert ``-1`` and return at once. For decode-sized batches
-(``P <= PAIRWISE_MAX``) the sort is skipped: each pair is its own tile (one live row).
+Two schedules, each two Pallas kernels:
 
-Kernel 1 (``w13``): per (tile, I-block) the w1 and w3 tiles of the tile's expert are decoded and multiplied
-against the tile's token rows (gathered from ``x`` inside the kernel), and the epilogue applies the global
-scales, the clipped SwiGLU and the routing weight, writing ``h [R, I]`` in bf16.
-Kernel 2 (``w2``): per (tile, D-block) ``h_tile @ w2[e]^T * weight_scale_2`` in fp32; the pairs are then
-summed per token by one XLA gather + reduction.
+* Decode-sized batches (by default ``P = T*k <= PAIRWISE_MAX`` (token, expert) pairs): no sort, no
+  scatter; each pair is its own row tile (``bm`` rows, one live; weights on the left of the dot). ``w13`` runs on a ``(pair, I-block, K-split)`` grid and writes
+  fp32 partial sums of ``x w1^T`` and ``x w3^T``; ``w2`` on a ``(pair, D-block, K-split)`` grid sums those
+  partials for its K step, applies the global scales, the clipped SwiGLU and the routing weight in its
+  prologue, and writes fp32 partials of ``h w2^T * weight_scale_2``; one XLA reduction adds the K splits
+  and each token's ``k`` pairs. Split-K gives the memory system enough programs at batch 1 (6 pairs).
+* Larger batches: the ``P`` pairs are sorted by expert and each expert's rows padded to a multiple of
+  ``bm``, so that every row tile belongs to one expert; at most ``P // bm + min(P, E)`` tiles exist, and only
+  experts that received tokens own tiles (the others are never read). Unused tiles carry expert ``-1`` and
+  return at once. Kernel 1 (``w13``): per (tile, I-block) the w1 and w3 tiles of the tile's expert are decoded
+  and multiplied against the tile's token rows (gathered from ``x`` inside the kernel), and the epilogue
+  applies the global scales, the clipped SwiGLU and the routing weight, writing ``h [R, I]`` in bf16. Kernel 2
+  (``w2``): per (tile, D-block) ``h_tile @ w2[e]^T * weight_scale_2`` in fp32; the pairs are then summed per
+  token by one XLA gather + reduction.
 """
 
 from __future__ import annotations
@@ -29,19 +34,24 @@ from jax.experimental.pallas import triton as plt
 
 from dsv4_jax import quant
 
-from .nvfp4_layout import Nvfp4Packed, decode_asm, decode_int, unpack_nvfp4
+from .nvfp4_layout import UNDO_DECODE_SCALE, Nvfp4Packed, decode_asm, decode_int, unpack_nvfp4
 
 PAIRWISE_MAX = 32
 
 
 @dataclasses.dataclass(frozen=True)
 class MoeConfig:
-    """Tiles of the two grouped kernels; ``bm`` rows per tile (16 for decode)."""
+    """Tiles of the two grouped kernels; ``bm`` rows per tile (16 for decode); ``schedule``: ``"pairs"`` (the
+    decode schedule) or ``"sorted"``; ``split13`` / ``split2``: K splits of the decode schedule's w13 / w2
+    kernels (the sorted schedule does not split K; ``swap_ab`` applies to it only)."""
 
     bm: int = 16
     bn13: int = 64
     bn2: int = 64
     bk: int = 256
+    split13: int = 4
+    split2: int = 2
+    schedule: str = "pairs"
     swap_ab: bool = True
     num_warps: int = 4
     num_stages: int = 4
@@ -49,13 +59,16 @@ class MoeConfig:
 
 
 def default_config(pairs: int) -> MoeConfig:
-    """Per-size configuration (H200 measurements, BENCHMARKS.md; batch-1 decode: bn13=64 100 us vs 135 us
-    for 32)."""
+    """Per-size configuration (H200 measurements, BENCHMARKS.md: batch-1 decode, 6 pairs, split13 4 / split2 2
+    82 us against 86 for split13 2 and 99 for 8; 4 tokens, 24 pairs: split13 2 278 us against 303 for 4; at 16
+    tokens the sorted schedule, which reads a shared expert once, wins: 823 against 1021 us)."""
+    if pairs <= 8:
+        return MoeConfig(split13=4, split2=2, num_stages=3)
     if pairs <= PAIRWISE_MAX:
-        return MoeConfig()
+        return MoeConfig(split13=2, split2=2, num_stages=4)
     if pairs <= 4096:
-        return MoeConfig(bm=16, bn13=64, bn2=64, bk=256, swap_ab=True, num_stages=4)
-    return MoeConfig(bm=64, bn13=64, bn2=128, bk=128, swap_ab=False, num_warps=4, num_stages=3)
+        return MoeConfig(bm=16, bn13=64, bn2=64, bk=256, schedule="sorted", swap_ab=True, num_stages=4)
+    return MoeConfig(bm=64, bn13=64, bn2=128, bk=128, schedule="sorted", swap_ab=False, num_warps=4, num_stages=3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,11 +88,6 @@ def make_schedule(ids: jax.Array, weights: jax.Array, n_experts: int, bm: int) -
     p = t * k
     flat_e = ids.reshape(-1).astype(jnp.int32)
     flat_w = weights.reshape(-1).astype(jnp.float32)
-    if p <= PAIRWISE_MAX:
-        slots = jnp.arange(p, dtype=jnp.int32) * bm
-        row_token = jnp.full((p * bm,), -1, jnp.int32).at[slots].set(jnp.arange(p, dtype=jnp.int32) // k)
-        row_weight = jnp.zeros((p * bm,), jnp.float32).at[slots].set(flat_w)
-        return Schedule(flat_e, row_token, row_weight, slots)
     order = jnp.argsort(flat_e, stable=True).astype(jnp.int32)
     sorted_e = flat_e[order]
     sizes = jnp.zeros((n_experts,), jnp.int32).at[flat_e].add(1)
@@ -125,8 +133,8 @@ def _w13_kernel(te_ref, tok_ref, rw_ref, x_ref, q1_ref, s1_ref, g1_ref, q3_ref, 
 
         def tiles(q_ref, s_ref, j0):
             q = q_ref[e, pl.ds(pn * bn, bn), pl.ds(j0, bkh)]
-            s_lo = s_ref[e, pl.ds(pn * bn, bn), pl.ds(j0 // 16, bkh // 16)].astype(jnp.bfloat16)
-            s_hi = s_ref[e, pl.ds(pn * bn, bn), pl.ds((half + j0) // 16, bkh // 16)].astype(jnp.bfloat16)
+            s_lo = s_ref[e, pl.ds(pn * bn, bn), pl.ds(j0 // 16, bkh // 16)]
+            s_hi = s_ref[e, pl.ds(pn * bn, bn), pl.ds((half + j0) // 16, bkh // 16)]
             return decode(q, s_lo, s_hi)
 
         def body(step, accs):
@@ -147,8 +155,8 @@ def _w13_kernel(te_ref, tok_ref, rw_ref, x_ref, q1_ref, s1_ref, g1_ref, q3_ref, 
         if cfg.swap_ab:
             a1, a3 = a1.T, a3.T
         # ARCHITECTURE.md §8.2: SiLU(min(a, L)) * clamp(u, -L, L), then the routing weight (moe.expert_ffn).
-        a = jnp.minimum(a1 * g1_ref[e], limit)
-        u = jnp.clip(a3 * g3_ref[e], -limit, limit)
+        a = jnp.minimum(a1 * (g1_ref[e] * UNDO_DECODE_SCALE), limit)
+        u = jnp.clip(a3 * (g3_ref[e] * UNDO_DECODE_SCALE), -limit, limit)
         rw = rw_ref[pl.ds(tile * bm, bm)]
         h = a / (1.0 + jnp.exp(-a)) * u * rw[:, None]
         cols = pn * bn + jax.lax.broadcasted_iota(jnp.int32, (bn,), 0)
@@ -175,8 +183,8 @@ def _w2_kernel(te_ref, h_ref, q_ref, s_ref, g_ref, y_ref, *, cfg: MoeConfig, i: 
         def body(step, acc):
             j0 = pl.multiple_of(step * bkh, bkh)
             q = q_ref[e, pl.ds(pn * bn, bn), pl.ds(j0, bkh)]
-            s_lo = s_ref[e, pl.ds(pn * bn, bn), pl.ds(j0 // 16, bkh // 16)].astype(jnp.bfloat16)
-            s_hi = s_ref[e, pl.ds(pn * bn, bn), pl.ds((half + j0) // 16, bkh // 16)].astype(jnp.bfloat16)
+            s_lo = s_ref[e, pl.ds(pn * bn, bn), pl.ds(j0 // 16, bkh // 16)]
+            s_hi = s_ref[e, pl.ds(pn * bn, bn), pl.ds((half + j0) // 16, bkh // 16)]
             w_lo, w_hi = decode(q, s_lo, s_hi)
             h_lo, h_hi = load_h(j0), load_h(half + j0)
             if cfg.swap_ab:
@@ -188,8 +196,96 @@ def _w2_kernel(te_ref, h_ref, q_ref, s_ref, g_ref, y_ref, *, cfg: MoeConfig, i: 
         if cfg.swap_ab:
             acc = acc.T
         cols = pn * bn + jax.lax.broadcasted_iota(jnp.int32, (bn,), 0)
-        plt.store(y_ref.at[pl.ds(tile * bm, bm), pl.ds(pn * bn, bn)], acc * g_ref[e],
+        plt.store(y_ref.at[pl.ds(tile * bm, bm), pl.ds(pn * bn, bn)], acc * (g_ref[e] * UNDO_DECODE_SCALE),
                   mask=jnp.broadcast_to((cols < n_d)[None, :], (bm, bn)))
+
+
+def _pair_w13_kernel(e_ref, x_ref, q1_ref, s1_ref, q3_ref, s3_ref, a1_ref, a3_ref, *, cfg: MoeConfig, top_k: int,
+                     d: int, kp: int, n_i: int, steps: int, decode):
+    bm, bn, bkh = cfg.bm, cfg.bn13, cfg.bk // 2
+    half = kp // 2
+    pair, pn, sk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    e = e_ref[pair]
+    tok = pair // top_k
+    first = jax.lax.broadcasted_iota(jnp.int32, (bm, bkh), 0) == 0
+
+    def load_x(start):
+        # The pair's token row as row 0 of a [bm, bkh] tile (the other rows zero).
+        ref = x_ref.at[tok, pl.ds(start, bkh)]
+        if d == kp:
+            row = ref[...]
+        else:
+            cols = start + jax.lax.broadcasted_iota(jnp.int32, (bkh,), 0)
+            row = plt.load(ref, mask=cols < d, other=0.0)
+        return jnp.where(first, row[None, :], 0.0).astype(jnp.bfloat16)
+
+    def tiles(q_ref, s_ref, j0):
+        q = q_ref[e, pl.ds(pn * bn, bn), pl.ds(j0, bkh)]
+        s_lo = s_ref[e, pl.ds(pn * bn, bn), pl.ds(j0 // 16, bkh // 16)]
+        s_hi = s_ref[e, pl.ds(pn * bn, bn), pl.ds((half + j0) // 16, bkh // 16)]
+        return decode(q, s_lo, s_hi)
+
+    def body(t, accs):
+        a1, a3 = accs
+        j0 = pl.multiple_of((sk * steps + t) * bkh, bkh)
+        x_lo, x_hi = load_x(j0), load_x(half + j0)
+        w1_lo, w1_hi = tiles(q1_ref, s1_ref, j0)
+        w3_lo, w3_hi = tiles(q3_ref, s3_ref, j0)
+        return (a1 + _dot_nt(w1_lo, x_lo) + _dot_nt(w1_hi, x_hi),
+                a3 + _dot_nt(w3_lo, x_lo) + _dot_nt(w3_hi, x_hi))
+
+    zero = jnp.zeros((bn, bm), jnp.float32)
+    a1, a3 = jax.lax.fori_loop(0, steps, body, (zero, zero))
+    cols = pn * bn + jax.lax.broadcasted_iota(jnp.int32, (bn,), 0)
+    # Columns 1.. of the [bn, bm] accumulators are exact zeros (zero activation rows): the sum is column 0.
+    plt.store(a1_ref.at[sk, pair, pl.ds(pn * bn, bn)], jnp.sum(a1, axis=1), mask=cols < n_i)
+    plt.store(a3_ref.at[sk, pair, pl.ds(pn * bn, bn)], jnp.sum(a3, axis=1), mask=cols < n_i)
+
+
+def _pair_w2_kernel(e_ref, rw_ref, a1_ref, a3_ref, g1_ref, g3_ref, q_ref, s_ref, g2_ref, y_ref, *, cfg: MoeConfig,
+                    i: int, kp: int, n_d: int, steps: int, limit: float, decode):
+    bm, bn, bkh = cfg.bm, cfg.bn2, cfg.bk // 2
+    half = kp // 2
+    pair, pn, sk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    e = e_ref[pair]
+    g1 = g1_ref[e] * UNDO_DECODE_SCALE
+    g3 = g3_ref[e] * UNDO_DECODE_SCALE
+    rw = rw_ref[pair]
+    first = jax.lax.broadcasted_iota(jnp.int32, (bm, bkh), 0) == 0
+
+    def partial_sum(ref, start):
+        def one(s):
+            r = ref.at[jnp.int32(s), pair, pl.ds(start, bkh)]
+            if i == kp:
+                return r[...]
+            cols = start + jax.lax.broadcasted_iota(jnp.int32, (bkh,), 0)
+            return plt.load(r, mask=cols < i, other=0.0)
+
+        tot = one(0)
+        for s in range(1, cfg.split13):
+            tot = tot + one(s)
+        return tot
+
+    def hidden(start):
+        # ARCHITECTURE.md §8.2: SiLU(min(a, L)) * clamp(u, -L, L) times the routing weight (moe.expert_ffn),
+        # as row 0 of a [bm, bkh] bf16 tile; padding columns have a = u = 0, so h = 0.
+        a = jnp.minimum(partial_sum(a1_ref, start) * g1, limit)
+        u = jnp.clip(partial_sum(a3_ref, start) * g3, -limit, limit)
+        h = a / (1.0 + jnp.exp(-a)) * u * rw
+        return jnp.where(first, h[None, :], 0.0).astype(jnp.bfloat16)
+
+    def body(t, acc):
+        j0 = pl.multiple_of((sk * steps + t) * bkh, bkh)
+        q = q_ref[e, pl.ds(pn * bn, bn), pl.ds(j0, bkh)]
+        s_lo = s_ref[e, pl.ds(pn * bn, bn), pl.ds(j0 // 16, bkh // 16)]
+        s_hi = s_ref[e, pl.ds(pn * bn, bn), pl.ds((half + j0) // 16, bkh // 16)]
+        w_lo, w_hi = decode(q, s_lo, s_hi)
+        return acc + _dot_nt(w_lo, hidden(j0)) + _dot_nt(w_hi, hidden(half + j0))
+
+    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bn, bm), jnp.float32))
+    cols = pn * bn + jax.lax.broadcasted_iota(jnp.int32, (bn,), 0)
+    plt.store(y_ref.at[sk, pair, pl.ds(pn * bn, bn)], jnp.sum(acc, axis=1) * (g2_ref[e] * UNDO_DECODE_SCALE),
+              mask=cols < n_d)
 
 
 def _fit(bn: int, np_: int) -> int:
@@ -198,19 +294,43 @@ def _fit(bn: int, np_: int) -> int:
     return bn
 
 
-@functools.partial(jax.jit, static_argnames=("limit", "cfg", "interpret"))
-def _moe(x, ids, weights, w1: Nvfp4Packed, w2: Nvfp4Packed, w3: Nvfp4Packed, limit: float, cfg: MoeConfig,
-         interpret: bool):
+def _fit_split(split: int, kp: int, bk: int) -> int:
+    while kp % (bk * split):
+        split //= 2
+    return split
+
+
+def _moe_pairs(x, ids, weights, w1: Nvfp4Packed, w2: Nvfp4Packed, w3: Nvfp4Packed, limit: float, cfg: MoeConfig,
+               decode, interpret: bool):
+    """Decode schedule (module docstring): one row tile per (token, expert) pair, split K, no sort."""
+    t, top_k = ids.shape
+    d = x.shape[1]
+    p, n_i = t * top_k, w1.n
+    pair_e = ids.reshape(-1).astype(jnp.int32)
+    params = plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    s13, s2 = cfg.split13, cfg.split2
+    part = jax.ShapeDtypeStruct((s13, p, n_i), jnp.float32)
+    k1 = functools.partial(_pair_w13_kernel, cfg=cfg, top_k=top_k, d=d, kp=w1.kp, n_i=n_i,
+                           steps=w1.kp // (cfg.bk * s13), decode=decode)
+    a1, a3 = pl.pallas_call(
+        k1, out_shape=(part, part), grid=(p, w1.np_ // cfg.bn13, s13), interpret=interpret,
+        compiler_params=params, name="nvfp4_moe_pairs_w13",
+    )(pair_e, x.astype(jnp.bfloat16), w1.qweight, w1.scale, w3.qweight, w3.scale)
+    k2 = functools.partial(_pair_w2_kernel, cfg=cfg, i=n_i, kp=w2.kp, n_d=d, steps=w2.kp // (cfg.bk * s2),
+                           limit=limit, decode=decode)
+    y = pl.pallas_call(
+        k2, out_shape=jax.ShapeDtypeStruct((s2, p, d), jnp.float32), grid=(p, w2.np_ // cfg.bn2, s2),
+        interpret=interpret, compiler_params=params, name="nvfp4_moe_pairs_w2",
+    )(pair_e, weights.reshape(-1).astype(jnp.float32), a1, a3, w1.weight_scale_2, w3.weight_scale_2, w2.qweight,
+      w2.scale, w2.weight_scale_2)
+    return y.reshape(s2, t, top_k, d).sum(axis=(0, 2))
+
+
+def _moe_sorted(x, ids, weights, w1: Nvfp4Packed, w2: Nvfp4Packed, w3: Nvfp4Packed, limit: float,
+                cfg: MoeConfig, decode, interpret: bool):
+    """Sorted schedule (module docstring): row tiles of one expert each."""
     t, d = x.shape
-    n_e = w1.qweight.shape[0]
-    n_i = w1.n
-    if w3.n != n_i or w1.k != d or w3.k != d or w2.k != n_i or w2.n != d:
-        raise ValueError(f"expert shapes w1 {w1.shape}, w3 {w3.shape}, w2 {w2.shape} do not match D={d}")
-    cfg = dataclasses.replace(cfg, bn13=_fit(cfg.bn13, w1.np_), bn2=_fit(cfg.bn2, w2.np_),
-                              bk=min(cfg.bk, w1.kp, w2.kp))
-    if w1.kp % cfg.bk or w2.kp % cfg.bk:
-        raise ValueError(f"bk={cfg.bk} does not divide the padded inputs {w1.kp}, {w2.kp}")
-    decode = decode_int if (interpret or cfg.decode == "int") else decode_asm
+    n_e, n_i = w1.qweight.shape[0], w1.n
     sched = make_schedule(ids, weights, n_e, cfg.bm)
     n_tiles = sched.tile_expert.shape[0]
     rows = n_tiles * cfg.bm
@@ -227,6 +347,25 @@ def _moe(x, ids, weights, w1: Nvfp4Packed, w2: Nvfp4Packed, w3: Nvfp4Packed, lim
         interpret=interpret, compiler_params=params, name="nvfp4_moe_w2",
     )(sched.tile_expert, h, w2.qweight, w2.scale, w2.weight_scale_2)
     return y[sched.pair_slot].reshape(t, ids.shape[1], d).sum(axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("limit", "cfg", "interpret"))
+def _moe(x, ids, weights, w1: Nvfp4Packed, w2: Nvfp4Packed, w3: Nvfp4Packed, limit: float, cfg: MoeConfig,
+         interpret: bool):
+    d = x.shape[1]
+    n_i = w1.n
+    if w3.n != n_i or w1.k != d or w3.k != d or w2.k != n_i or w2.n != d:
+        raise ValueError(f"expert shapes w1 {w1.shape}, w3 {w3.shape}, w2 {w2.shape} do not match D={d}")
+    bk = min(cfg.bk, w1.kp, w2.kp)
+    cfg = dataclasses.replace(cfg, bn13=_fit(cfg.bn13, w1.np_), bn2=_fit(cfg.bn2, w2.np_), bk=bk,
+                              split13=_fit_split(cfg.split13, w1.kp, bk), split2=_fit_split(cfg.split2, w2.kp, bk))
+    if w1.kp % cfg.bk or w2.kp % cfg.bk:
+        raise ValueError(f"bk={cfg.bk} does not divide the padded inputs {w1.kp}, {w2.kp}")
+    decode = decode_int if (interpret or cfg.decode == "int") else decode_asm
+    if cfg.schedule not in ("pairs", "sorted"):
+        raise ValueError(f"unknown schedule {cfg.schedule!r}")
+    run = _moe_pairs if cfg.schedule == "pairs" else _moe_sorted
+    return run(x, ids, weights, w1, w2, w3, limit, cfg, decode, interpret)
 
 
 def nvfp4_moe(x: jax.Array, ids: jax.Array, weights: jax.Array, w1: Nvfp4Packed, w2: Nvfp4Packed,

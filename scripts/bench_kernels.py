@@ -1,6 +1,6 @@
 """Benchmark of the NVFP4 / FP8 matmul kernels on the model's real shapes (GPU only).
 
-    PYTHONPATH=. python scripts/bench_kernels.py [--tune] [--out DIR] [--budget SECONDS]
+    PYTHONPATH=. python scripts/bench_kernels.py [--tune] [--sections nv,fp8,moe] [--ms 1,4] [--out DIR]
 
 Prints one table of median kernel times (CUPTI, summed over every kernel of one call, glue included) for:
 dense NVFP4 (ours, XLA dequantise-then-dot, bf16 ``jnp.dot`` on dequantised weights), FP8 block-scaled (ours,
@@ -8,7 +8,8 @@ the XLA formulation, XLA dequantise-then-dot, bf16) and the grouped MoE layer (o
 dense batched einsum of equal FLOPs), over M in {1, 4, 16, 64, 256, 1024, 4096, 16384}, with effective TB/s
 (bytes of the stored weights), TFLOP/s and ratios to the copy bandwidth and bf16 matmul rate measured in the
 same run. Weights rotate over several copies so that repeated calls do not read them from L2 (60 MB).
-``--tune`` first times candidate configurations at the decisive sizes and prints the best ones.
+``--tune`` first times candidate configurations at the decisive sizes and prints the best ones, with the
+per-kernel CUPTI breakdown of the winner (decode rows print theirs too).
 """
 
 from __future__ import annotations
@@ -189,20 +190,58 @@ def routing(key, t):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Tuning
+# Tuning: one try / time / log / keep-best loop for every kernel family.
+
+
+def kernel_breakdown(fn, argsets) -> list[tuple[str, float]]:
+    """(kernel name, us) of every kernel one call launches (CUPTI), after a warm-up; [] without CUPTI."""
+    ext = _cupti()
+    if ext is None:
+        return []
+    jax.block_until_ready(fn(*argsets[0]))
+    ext._cupti_init()
+    jax.block_until_ready(fn(*argsets[-1]))
+    return [(name, ms * 1e3) for name, ms in _timings(ext)]
+
+
+def log_breakdown(label, fn, argsets):
+    parts = safe(kernel_breakdown, fn, argsets) or []
+    total = sum(us for _, us in parts)
+    log(f"  kernels of {label}: {total:.1f} us = " + " + ".join(f"{n[:40]} {us:.1f}" for n, us in parts))
+
+
+def best_of(label: str, make_fn, cands, argsets, iters: int = 10, frac: float = 0.6):
+    """Times ``make_fn(cfg)`` for each candidate on ``argsets`` (median CUPTI time), logs each and returns
+    ``(ms, cfg)`` of the fastest, or None; stops early past ``frac`` of the time budget."""
+    best = None
+    for cfg in cands:
+        if time.time() - T0 > BUDGET * frac:
+            log(f"  tune {label}: budget reached")
+            break
+        try:
+            t = median_ms(make_fn(cfg), argsets, iters)
+        except Exception as e:  # noqa: BLE001
+            log(f"  tune {label} {cfg}: FAILED {type(e).__name__}: {str(e)[:300]}")
+            continue
+        log(f"  tune {label} {cfg}: {t * 1e3:.1f} us")
+        if best is None or t < best[0]:
+            best = (t, cfg)
+    if best:
+        log(f"BEST {label}: {best[0] * 1e3:.1f} us {best[1]}")
+        log_breakdown(label, make_fn(best[1]), argsets)
+    return best
 
 
 def nv_candidates(m, np_, kp):
+    decs = ("asm", "int") if FLAGS.int_decode else ("asm",)
     out = []
     if m <= 16:
-        for dec in ("asm", "int"):
-            for bn, bk, nw, ns in ((64, 256, 4, 4), (32, 256, 4, 4), (128, 256, 4, 3), (64, 256, 8, 4)):
-                if dec == "int" and not FLAGS.int_decode:
-                    continue
-                for split in (1, 2, 4, 8):
+        for dec in decs:
+            for bn, bk, nw, ns, splits in ((64, 256, 4, 4, (4, 8, 16)), (128, 256, 4, 4, (4, 8, 16)),
+                                           (32, 256, 4, 4, (8, 16)), (64, 512, 4, 3, (4, 8)), (128, 256, 8, 3, (8,)),
+                                           (64, 256, 4, 3, (8,)), (64, 256, 4, 6, (8,))):
+                for split in splits:
                     if np_ % bn or kp % (bk * split) or kp // (bk * split) < 2:
-                        continue
-                    if (np_ // bn) * split > 1024 or (np_ // bn) * split < 64:
                         continue
                     out.append(NM.MatmulConfig(bm=16, bn=bn, bk=bk, split_k=split, swap_ab=True, num_warps=nw,
                                                num_stages=ns, decode=dec))
@@ -212,88 +251,64 @@ def nv_candidates(m, np_, kp):
                 if kp % (bk * split) == 0:
                     out.append(NM.MatmulConfig(bm=64, bn=bn, bk=bk, split_k=split, swap_ab=swap, num_stages=4))
     else:
-        for bm, bn, bk, nw, ns in ((64, 128, 128, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
-                                   (128, 128, 128, 8, 3)):
+        for bm, bn, bk, nw, ns in ((64, 128, 128, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)):
             out.append(NM.MatmulConfig(bm=bm, bn=bn, bk=bk, swap_ab=False, num_warps=nw, num_stages=ns))
         out.append(NM.MatmulConfig(method="dequant_dot"))
     return out
 
 
+def moe_candidates(t_tok):
+    if t_tok * TOPK <= MO.PAIRWISE_MAX:
+        c = [MO.MoeConfig(bn13=a, bn2=b, split13=s1, split2=s2, num_stages=ns)
+             for a, b, s1, s2, ns in ((64, 64, 4, 2, 4), (64, 64, 2, 2, 4), (64, 64, 8, 2, 4), (64, 64, 4, 1, 4),
+                                      (64, 64, 4, 4, 4), (128, 128, 8, 4, 3), (32, 32, 2, 1, 4), (64, 64, 4, 2, 3),
+                                      (128, 64, 8, 2, 3))]
+        return c if t_tok == 1 else c[:5]
+    if t_tok <= 64:
+        # The decode schedule reads an expert shared by several tokens once per pair; the sorted one once.
+        return [MO.default_config(t_tok * TOPK), MO.MoeConfig(split13=4, split2=2),
+                MO.MoeConfig(split13=2, split2=1)]
+    return [MO.MoeConfig(bm=bm, bn13=a, bn2=b, bk=c, schedule="sorted", swap_ab=False, num_warps=nw, num_stages=3)
+            for bm, a, b, c, nw in ((64, 64, 128, 128, 4), (128, 64, 128, 64, 8))]
+
+
+def fp8_candidates():
+    return [F.Fp8Config(bm=16, bn=bn, split_k=split, num_warps=nw, num_stages=ns, decode=dec)
+            for bn, split, nw, ns in ((64, 4, 4, 4), (64, 8, 4, 4), (128, 4, 4, 4), (128, 8, 8, 4), (32, 8, 4, 4),
+                                      (64, 4, 4, 6), (64, 2, 4, 4))
+            for dec in ("convert", "asm")]
+
+
 def tune(results: dict):
     key = jax.random.key(7)
-    for name, (n, k), ms in [("8192x8192", (8192, 8192), (1, 256, 4096)),
-                             ("expert w13 4096->2048", (2048, 4096), (1,)),
-                             ("expert w2 2048->4096", (4096, 2048), (1,))]:
-        w = rand_nvfp4(key, n, k)
-        p = L.pack_nvfp4(w)
+    if "moe" in FLAGS.sections:
+        ws = [rand_nvfp4(jax.random.key(i), E, n, k) for i, (n, k) in enumerate(((I, D), (D, I), (I, D)))]
+        ps = [L.pack_nvfp4(w) for w in ws]
+        for t_tok in FLAGS.moe_tune_tokens:
+            args = [(jax.random.normal(jax.random.key(j), (t_tok, D), jnp.bfloat16),
+                     *routing(jax.random.key(100 + j), t_tok), *ps) for j in range(4)]
+            best = best_of(f"moe T={t_tok}", moe_ours, moe_candidates(t_tok), args, iters=8, frac=0.3)
+            if best:
+                results[f"moe|{t_tok}"] = (best[0], dataclasses.asdict(best[1]))
+        del ws, ps
+    for name, (n, k) in NV_SHAPES.items():
+        if "nv" not in FLAGS.sections or name != "8192x8192":
+            continue
+        p = L.pack_nvfp4(rand_nvfp4(key, n, k))
         ps = copies(p, nv_bytes(n, k))
-        for m in ms:
+        for m in FLAGS.nv_tune_ms:
             x = jax.random.normal(key, (m, k), jnp.bfloat16)
-            best = None
-            for cfg in nv_candidates(m, p.np_, p.kp):
-                if time.time() - T0 > BUDGET * 0.35:
-                    break
-                try:
-                    t = median_ms(nv_ours(cfg), [(x, q) for q in ps], 10)
-                except Exception as e:  # noqa: BLE001
-                    log(f"  tune nv {name} m={m} {cfg}: FAILED {type(e).__name__}: {str(e)[:200]}")
-                    continue
-                log(f"  tune nv {name} m={m} {cfg}: {t * 1e3:.1f} us")
-                if best is None or t < best[0]:
-                    best = (t, cfg)
+            best = best_of(f"nv {name} m={m}", nv_ours, nv_candidates(m, p.np_, p.kp), [(x, q) for q in ps],
+                           frac=0.5)
             if best:
                 results[f"nv|{name}|{m}"] = (best[0], dataclasses.asdict(best[1]))
-                log(f"BEST nv {name} m={m}: {best[0] * 1e3:.1f} us {best[1]}")
-    ws = [rand_nvfp4(jax.random.key(i), E, n, k) for i, (n, k) in enumerate(((I, D), (D, I), (I, D)))]
-    ps = [L.pack_nvfp4(w) for w in ws]
-    for t_tok, cands in [
-        (1, [MO.MoeConfig(bn13=a, bn2=b, bk=c, num_stages=s, decode=dec)
-             for dec in ("asm", "int") for a, b, c, s in ((32, 64, 256, 4), (64, 64, 256, 4), (32, 32, 256, 4),
-                                                          (32, 64, 512, 3))
-             if dec == "asm" or FLAGS.int_decode]),
-        (8192, [MO.MoeConfig(bm=bm, bn13=a, bn2=b, bk=c, swap_ab=False, num_warps=nw, num_stages=3)
-                for bm, a, b, c, nw in ((64, 64, 128, 128, 4), (128, 64, 128, 64, 8))])]:
-        args = [(jax.random.normal(jax.random.key(j), (t_tok, D), jnp.bfloat16),
-                 *routing(jax.random.key(100 + j), t_tok), *ps) for j in range(4)]
-        best = None
-        for cfg in cands:
-            if time.time() - T0 > BUDGET * 0.5:
-                break
-            try:
-                t = median_ms(moe_ours(cfg), args, 8)
-            except Exception as e:  # noqa: BLE001
-                log(f"  tune moe T={t_tok} {cfg}: FAILED {type(e).__name__}: {str(e)[:200]}")
-                continue
-            log(f"  tune moe T={t_tok} {cfg}: {t * 1e3:.1f} us")
-            if best is None or t < best[0]:
-                best = (t, cfg)
-        if best:
-            results[f"moe|{t_tok}"] = (best[0], dataclasses.asdict(best[1]))
-            log(f"BEST moe T={t_tok}: {best[0] * 1e3:.1f} us {best[1]}")
-    for name, (n, k) in (("8192x8192", (8192, 8192)), ("attn wq_a 4096->1024", (1024, 4096))):
-        if FLAGS.skip_fp8:
-            break
-        w = rand_fp8(key, n, k)
-        wsl = copies(w, n * k)
+    for name, (n, k) in FP8_SHAPES.items():
+        if "fp8" not in FLAGS.sections or name not in ("8192x8192", "attn wq_a 4096->1024"):
+            continue
+        wsl = copies(rand_fp8(key, n, k), n * k)
         x = jax.random.normal(key, (1, k), jnp.bfloat16)
-        best = None
-        for bn in (64, 128, 32):
-            for split in (1, 2, 4, 8):
-                if time.time() - T0 > BUDGET * 0.5:
-                    break
-                if (-(-k // 128)) % split:
-                    continue
-                cfg = F.Fp8Config(bm=16, bn=bn, split_k=split, num_stages=4)
-                try:
-                    t = median_ms(fp8_ours(cfg), [(x, q) for q in wsl], 10)
-                except Exception as e:  # noqa: BLE001
-                    log(f"  tune fp8 {name} {cfg}: FAILED {type(e).__name__}: {str(e)[:200]}")
-                    continue
-                log(f"  tune fp8 {name} {cfg}: {t * 1e3:.1f} us")
-                if best is None or t < best[0]:
-                    best = (t, cfg)
-        t = median_ms(fp8_xla_form, [(x, q) for q in wsl], 10)
-        log(f"  tune fp8 {name} xla formulation: {t * 1e3:.1f} us")
+        cands = [c for c in fp8_candidates() if (-(-k // 128)) % c.split_k == 0]
+        best = best_of(f"fp8 {name} m=1", fp8_ours, cands, [(x, q) for q in wsl], frac=0.65)
         if best:
             results[f"fp8|{name}|1"] = (best[0], dataclasses.asdict(best[1]))
 
@@ -308,14 +323,13 @@ TUNED: dict = {}
 def tuned(kind: str, name: str, m: int):
     """The tuned configuration for this size bucket (``--tune``), else None (the library default)."""
     if kind == "nv":
-        bucket = 1 if m <= 16 else (m if m in (64, 256) else (4096 if m >= 1024 else None))
-        got = TUNED.get(f"nv|{name}|{bucket}")
+        got = TUNED.get(f"nv|{name}|{1 if m <= 16 else m}")
         if got is None:
             return None
         cfg = NM.MatmulConfig(**got[1])
-        return dataclasses.replace(cfg, bm=16) if m <= 16 and cfg.method == "fused" else cfg
+        return dataclasses.replace(cfg, bm=16 if m <= 16 else cfg.bm)
     if kind == "moe":
-        got = TUNED.get("moe|1" if m * TOPK <= MO.PAIRWISE_MAX else ("moe|8192" if m >= 1024 else ""))
+        got = TUNED.get(f"moe|{m}")
         return None if got is None else MO.MoeConfig(**got[1])
     got = TUNED.get(f"fp8|{name}|1") if m <= 16 else None
     return None if got is None else F.Fp8Config(**got[1])
@@ -338,54 +352,12 @@ def safe(f, *args):
         return None
 
 
-def bench(copy_tbs, bf16_tf, rows):
+def bench_moe(copy_tbs, bf16_tf, rows):
     key = jax.random.key(1)
-    for name, (n, k) in NV_SHAPES.items():
-        if FLAGS.moe_only:
-            break
-        w = rand_nvfp4(key, n, k)
-        p = L.pack_nvfp4(w)
-        wb = quant.dequantize(w, jnp.bfloat16)
-        ws, ps, wbs = copies(w, nv_bytes(n, k)), copies(p, nv_bytes(n, k)), copies(wb, 2 * n * k, 8)
-        for m in MS:
-            if time.time() - T0 > BUDGET:
-                return
-            x = jax.random.normal(key, (m, k), jnp.bfloat16)
-            it = 15 if m <= 1024 else 5
-            fl = 2 * m * n * k
-            meths = [("ours", nv_ours(tuned("nv", name, m)), [(x, q) for q in ps], nv_bytes(n, k)),
-                     ("xla dequant+dot", nv_xla, [(x, q) for q in ws], nv_bytes(n, k)),
-                     ("bf16 jnp.dot", bf16_dot, [(x, q) for q in wbs], 2 * n * k)]
-            for meth, fn, sets, nb in meths[:1] if FLAGS.no_baselines else meths:
-                t = safe(median_ms, fn, sets, it)
-                if t:
-                    row(rows, "nvfp4", name, m, meth, t, nb, fl, copy_tbs, bf16_tf)
-    for name, (n, k) in FP8_SHAPES.items():
-        if FLAGS.skip_fp8 or FLAGS.moe_only:
-            break
-        w = rand_fp8(key, n, k)
-        wb = quant.dequantize(w, jnp.bfloat16)
-        ws, wbs = copies(w, n * k), copies(wb, 2 * n * k, 8)
-        for m in MS:
-            if time.time() - T0 > BUDGET:
-                return
-            x = jax.random.normal(key, (m, k), jnp.bfloat16)
-            it = 15 if m <= 1024 else 5
-            fl = 2 * m * n * k
-            meths = [("ours", fp8_ours(tuned("fp8", name, m)), ws, n * k), ("xla dequant+dot", fp8_xla_dequant, ws, n * k),
-                     ("bf16 jnp.dot", bf16_dot, wbs, 2 * n * k)]
-            if m <= 64:
-                meths.insert(1, ("xla scale-folded", fp8_xla_form, ws, n * k))
-            for meth, fn, wl, nb in meths:
-                t = safe(median_ms, fn, [(x, q) for q in wl], it)
-                if t:
-                    row(rows, "fp8", name, m, meth, t, nb, fl, copy_tbs, bf16_tf)
     ws = [rand_nvfp4(jax.random.key(i), E, n, k) for i, (n, k) in enumerate(((I, D), (D, I), (I, D)))]
     ps = [L.pack_nvfp4(w) for w in ws]
-    wts = [quant.dequantize(w, jnp.bfloat16).transpose(0, 2, 1) for w in ws]
-    for t_tok in sorted({*MS, 8192}):
-        if FLAGS.moe_only and t_tok < 16:
-            continue
+    wts = None if FLAGS.no_baselines else [quant.dequantize(w, jnp.bfloat16).transpose(0, 2, 1) for w in ws]
+    for t_tok in FLAGS.moe_tokens:
         if time.time() - T0 > BUDGET:
             return
         pairs = t_tok * TOPK
@@ -395,20 +367,77 @@ def bench(copy_tbs, bf16_tf, rows):
         args = [(jax.random.normal(jax.random.key(j), (t_tok, D), jnp.bfloat16),
                  *routing(jax.random.key(100 + j), t_tok)) for j in range(4)]
         it = 10 if t_tok <= 1024 else 3
-        t = safe(median_ms, moe_ours(tuned("moe", "", t_tok)), [(*a, *ps) for a in args], it)
+        ours = moe_ours(tuned("moe", "", t_tok))
+        t = safe(median_ms, ours, [(*a, *ps) for a in args], it)
         if t:
             row(rows, "moe", "256 experts top-6", t_tok, "ours", t, nb, fl, copy_tbs, bf16_tf)
-        if not FLAGS.moe_only and (t_tok == 8192 or (not FLAGS.no_baselines and 64 <= t_tok <= 4096)):
+        if t_tok <= 4:
+            log_breakdown(f"moe T={t_tok}", ours, [(*a, *ps) for a in args])
+        if wts is None:
+            continue
+        if 64 <= t_tok <= 8192:
             t = safe(median_ms, moe_ragged, [(*args[0], *wts)], 2 if t_tok >= 4096 else 3)
             if t:
                 row(rows, "moe", "256 experts top-6", t_tok, "lax.ragged_dot (bf16)", t, 2 * E * 3 * D * I, fl,
                     copy_tbs, bf16_tf)
-        if pairs >= E and not FLAGS.moe_only and (t_tok == 8192 or not FLAGS.no_baselines):
+        if pairs >= E:
             xg = jax.random.normal(key, (E, pairs // E, D), jnp.bfloat16)
             t = safe(median_ms, moe_einsum, [(xg, *wts)], it)
             if t:
                 row(rows, "moe", "256 experts top-6", t_tok, "batched einsum (bf16)", t, 2 * E * 3 * D * I, fl,
                     copy_tbs, bf16_tf)
+
+
+def bench(copy_tbs, bf16_tf, rows):
+    key = jax.random.key(1)
+    if "moe" in FLAGS.sections:
+        bench_moe(copy_tbs, bf16_tf, rows)
+    for name, (n, k) in NV_SHAPES.items():
+        if "nv" not in FLAGS.sections:
+            break
+        w = rand_nvfp4(key, n, k)
+        p = L.pack_nvfp4(w)
+        wb = quant.dequantize(w, jnp.bfloat16)
+        ws, ps, wbs = copies(w, nv_bytes(n, k)), copies(p, nv_bytes(n, k)), copies(wb, 2 * n * k, 8)
+        for m in FLAGS.ms:
+            if time.time() - T0 > BUDGET:
+                return
+            x = jax.random.normal(key, (m, k), jnp.bfloat16)
+            it = 15 if m <= 1024 else 5
+            fl = 2 * m * n * k
+            ours = nv_ours(tuned("nv", name, m))
+            meths = [("ours", ours, [(x, q) for q in ps], nv_bytes(n, k)),
+                     ("xla dequant+dot", nv_xla, [(x, q) for q in ws], nv_bytes(n, k)),
+                     ("bf16 jnp.dot", bf16_dot, [(x, q) for q in wbs], 2 * n * k)]
+            for meth, fn, sets, nb in meths[:1] if FLAGS.no_baselines else meths:
+                t = safe(median_ms, fn, sets, it)
+                if t:
+                    row(rows, "nvfp4", name, m, meth, t, nb, fl, copy_tbs, bf16_tf)
+            if m == 1:
+                log_breakdown(f"nvfp4 {name} M=1", ours, [(x, q) for q in ps])
+    for name, (n, k) in FP8_SHAPES.items():
+        if "fp8" not in FLAGS.sections:
+            break
+        w = rand_fp8(key, n, k)
+        wb = quant.dequantize(w, jnp.bfloat16)
+        ws, wbs = copies(w, n * k), copies(wb, 2 * n * k, 8)
+        for m in FLAGS.ms:
+            if time.time() - T0 > BUDGET:
+                return
+            x = jax.random.normal(key, (m, k), jnp.bfloat16)
+            it = 15 if m <= 1024 else 5
+            fl = 2 * m * n * k
+            meths = [("ours", fp8_ours(tuned("fp8", name, m)), ws, n * k)]
+            if m <= 64:
+                meths.append(("xla scale-folded", fp8_xla_form, ws, n * k))
+            if not FLAGS.no_baselines:
+                meths += [("xla dequant+dot", fp8_xla_dequant, ws, n * k), ("bf16 jnp.dot", bf16_dot, wbs, 2 * n * k)]
+            for meth, fn, wl, nb in meths:
+                t = safe(median_ms, fn, [(x, q) for q in wl], it)
+                if t:
+                    row(rows, "fp8", name, m, meth, t, nb, fl, copy_tbs, bf16_tf)
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
 
 
 def main():
@@ -418,11 +447,15 @@ def main():
     ap.add_argument("--skip-bench", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--budget", type=float, default=480.0)
-    ap.add_argument("--skip-fp8", action="store_true")
-    ap.add_argument("--no-baselines", action="store_true", help="dense NVFP4 and MoE: only ours (+ MoE at 8192)")
-    ap.add_argument("--moe-only", action="store_true", help="only our grouped MoE, T >= 16")
+    ap.add_argument("--sections", default="nv,fp8,moe", help="comma list of nv, fp8, moe")
+    ap.add_argument("--ms", type=_ints, default=MS, help="M values of the dense tables")
+    ap.add_argument("--moe-tokens", type=_ints, default=sorted({*MS, 8192}), help="token counts of the MoE table")
+    ap.add_argument("--nv-tune-ms", type=_ints, default=[1], help="M values tuned at 8192x8192")
+    ap.add_argument("--moe-tune-tokens", type=_ints, default=[1, 4, 16])
+    ap.add_argument("--no-baselines", action="store_true", help="only our kernels (and XLA's FP8 formulation)")
     ap.add_argument("--int-decode", action="store_true", help="also tune the portable integer decoder")
     args = ap.parse_args()
+    args.sections = args.sections.split(",")
     FLAGS.__dict__.update(vars(args))
     BUDGET = args.budget
     dev = jax.devices()[0]
@@ -448,7 +481,8 @@ def main():
 
 
 BUDGET = 480.0
-FLAGS = argparse.Namespace(skip_fp8=False, no_baselines=False, int_decode=False, moe_only=False)
+FLAGS = argparse.Namespace(sections=["nv", "fp8", "moe"], no_baselines=False, int_decode=False, ms=MS,
+                           moe_tokens=MS, nv_tune_ms=[1], moe_tune_tokens=[1])
 
 if __name__ == "__main__":
     main()

@@ -32,24 +32,40 @@ def routing(r, t, kind):
     return jnp.asarray(ids, jnp.int32), jnp.asarray(r.random((t, K)), jnp.float32)
 
 
-@pytest.mark.parametrize("t,kind", [(1, "random"), (3, "random"), (40, "random"), (24, "one_expert")])
+# t * K <= PAIRWISE_MAX: the decode schedule (one tile per pair, split K); above it the sorted schedule.
+@pytest.mark.parametrize("t,kind", [(1, "random"), (3, "random"), (2, "one_expert"), (40, "random"),
+                                    (24, "one_expert")])
 def test_grouped_kernels_equal_reference_interpret(t, kind):
     r = rng()
     ws, ps = experts(r)
     ids, wts = routing(r, t, kind)
     x = bf16(r, t, D, scale=2.0)
-    y = MO.nvfp4_moe(x, ids, wts, *ps, 10.0, config=SMALL, interpret=True)
+    cfg = dataclasses.replace(SMALL, schedule="pairs" if t * K <= MO.PAIRWISE_MAX else "sorted")
+    y = MO.nvfp4_moe(x, ids, wts, *ps, 10.0, config=cfg, interpret=True)
     assert y.shape == (t, D) and y.dtype == jnp.float32
     assert rel(y, MO.nvfp4_moe_reference(x, ids, wts, *ws, 10.0)) < TOL
 
 
-def test_swiglu_clip_is_active_interpret():
+@pytest.mark.parametrize("split13,split2", [(1, 1), (2, 4)])
+def test_decode_schedule_split_k_equals_reference_interpret(split13, split2):
+    r = rng()
+    ws, ps = experts(r)
+    ids, wts = routing(r, 2, "random")
+    x = bf16(r, 2, D, scale=2.0)
+    cfg = dataclasses.replace(SMALL, split13=split13, split2=split2, schedule="pairs")
+    y = MO.nvfp4_moe(x, ids, wts, *ps, 10.0, config=cfg, interpret=True)
+    assert rel(y, MO.nvfp4_moe_reference(x, ids, wts, *ws, 10.0)) < TOL
+
+
+@pytest.mark.parametrize("t,schedule", [(20, "sorted"), (3, "pairs")])
+def test_swiglu_clip_is_active_interpret(t, schedule):
     """Inputs large enough that min(a, L) and clamp(u, -L, L) bind."""
     r = rng()
     ws, ps = experts(r)
-    ids, wts = routing(r, 20, "random")
-    x = bf16(r, 20, D, scale=40.0)
-    y = MO.nvfp4_moe(x, ids, wts, *ps, 1.0, config=SMALL, interpret=True)
+    ids, wts = routing(r, t, "random")
+    x = bf16(r, t, D, scale=40.0)
+    cfg = dataclasses.replace(SMALL, schedule=schedule)
+    y = MO.nvfp4_moe(x, ids, wts, *ps, 1.0, config=cfg, interpret=True)
     assert rel(y, MO.nvfp4_moe_reference(x, ids, wts, *ws, 1.0)) < TOL
 
 
@@ -72,7 +88,7 @@ def test_schedule_pads_each_expert_to_whole_tiles_and_skips_empty_experts():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("t", [1, 40, 700])
+@pytest.mark.parametrize("t", [1, 4, 40, 700])
 @pytest.mark.parametrize("decode", ["asm", "int"])
 def test_gpu_grouped_equals_reference(t, decode):
     r = rng()
