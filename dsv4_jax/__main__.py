@@ -36,6 +36,19 @@ def ensure_tiny_checkpoint() -> Path:
     return path
 
 
+def _expert_mesh(n: int):
+    """A one-axis ``"expert"`` mesh over the first ``n`` devices (0: all); None for one device."""
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh
+
+    devices = jax.devices()
+    if n < 0 or n > len(devices):
+        raise ValueError(f"--expert-parallel {n}: there are {len(devices)} {devices[0].platform} device(s)")
+    n = n or len(devices)
+    return None if n == 1 else Mesh(np.array(devices[:n]), ("expert",))
+
+
 def _sample(args) -> int:
     from . import SamplingParams, encode_chat, load_model, load_tokenizer
     from .generation import generate_stream
@@ -59,7 +72,7 @@ def _sample(args) -> int:
         messages.append({"role": "user", "content": args.chat})
         text = encode_chat(messages, thinking=args.thinking)
     ids = tokenizer.encode(text)
-    model = load_model(path, dtype=args.dtype, progress=not args.quiet)
+    model = load_model(path, dtype=args.dtype, mesh=_expert_mesh(args.expert_parallel), progress=not args.quiet)
     if ids and max(ids) >= model.config.vocab_size:
         raise ValueError(f"the prompt has token ids up to {max(ids)} but the model's vocabulary has "
                          f"{model.config.vocab_size} entries: put the matching tokenizer.json in {path}")
@@ -112,6 +125,8 @@ def main(argv=None) -> int:
     s.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
     s.add_argument("--ignore-eos", action="store_true")
     s.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    s.add_argument("--expert-parallel", type=int, default=1, metavar="N",
+                   help="shard the routed experts over the first N devices (0: all; default 1: one device)")
     s.add_argument("--quiet", action="store_true", help="no progress bar or prompt echo")
     args = parser.parse_args(argv)
     try:

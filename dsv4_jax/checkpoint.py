@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from . import sharding, weights
+from . import kernels, sharding, weights
 from .config import Config
 from .model import DType, Model
 from .quant import Fp8Block, Mxfp4, Nvfp4
@@ -151,6 +151,7 @@ def load_model(
     mesh: Mesh | None = None,
     device_memory: int | None = None,
     progress: bool = True,
+    kernel_layout: bool | None = None,
 ) -> Model:
     """Load a checkpoint directory (Format Q / N / transformers layout) or an orbax cache into a ``Model``.
 
@@ -158,10 +159,15 @@ def load_model(
     tables int32); ``dtype`` is the compute dtype. With ``mesh``, routed experts ``[E, ...]`` are sharded over
     its ``"expert"`` axis and every device reads only its experts; everything else is replicated. Before
     reading, the bytes per device are compared with ``device_memory`` (default: what the devices report
-    free) and a placement that cannot fit raises ``InsufficientMemory``. ``progress`` shows a tqdm bar."""
+    free) and a placement that cannot fit raises ``InsufficientMemory``. ``progress`` shows a tqdm bar.
+
+    ``kernel_layout``: repack the NVFP4 weights into the GPU kernels' layout once, here (exact, reversible,
+    ``dsv4_jax.kernels.prepare_weights``); default: when the model will run them (bf16 on GPUs). The model
+    then runs expert-parallel over ``mesh`` (``Model.mesh``)."""
     path = Path(path)
     if (path / CACHE_MANIFEST).exists():
-        return _restore_cache(path, dtype=dtype, mesh=mesh, device_memory=device_memory)
+        return _restore_cache(path, dtype=dtype, mesh=mesh, device_memory=device_memory,
+                              kernel_layout=kernel_layout)
     index = read_index(path)
     shards = open_shards(path, index)
     infos, file_of = {}, {}
@@ -233,7 +239,18 @@ def load_model(
             )
     for shard in shards.values():
         shard.close()
-    return Model(config=config, params=jax.tree.unflatten(treedef, values), dtype=dtype)
+    return _finish(Model(config=config, params=jax.tree.unflatten(treedef, values), dtype=dtype, mesh=mesh),
+                   kernel_layout)
+
+
+def _finish(model: Model, kernel_layout: bool | None) -> Model:
+    """Repack the NVFP4 weights for the kernels where they will run (see :func:`load_model`)."""
+    if kernel_layout is None:
+        kernel_layout = kernels.use_kernel_layout(model.dtype, sharding.devices(model.mesh))
+    if not kernel_layout:
+        return model
+    return Model(config=model.config, params=kernels.prepare_weights(model.params, donate=True),
+                 dtype=model.dtype, numerics=model.numerics, mesh=model.mesh)
 
 
 def _local_fraction(mesh: Mesh | None) -> float:
@@ -327,7 +344,8 @@ def save_checkpoint(
     tmp = _atomic_dir(path)
     try:
         writer = ShardWriter(tmp, max_shard_bytes)
-        for name, array in weights.checkpoint_tensors(model.params, model.config, format):
+        params = kernels.checkpoint_layout(model.params)
+        for name, array in weights.checkpoint_tensors(params, model.config, format):
             writer.add(name, array)
         writer.finish(single_file=format == "hf")
         if format == "hf":
@@ -366,7 +384,8 @@ def save_cache(model: Model, path: str | os.PathLike) -> Path:
     path = Path(path)
     tmp = _atomic_dir(path)
     try:
-        leaves = jax.tree.leaves(model.params, is_leaf=weights.is_weight)
+        params = kernels.checkpoint_layout(model.params)  # the cache holds the checkpoint's bytes
+        leaves = jax.tree.leaves(params, is_leaf=weights.is_weight)
         manifest = {
             "format": "dsv4_jax orbax cache",
             "version": 1,
@@ -378,7 +397,7 @@ def save_cache(model: Model, path: str | os.PathLike) -> Path:
                 for leaf in leaves
             ],
         }
-        ocp.PyTreeCheckpointer().save((tmp / "params").absolute(), model.params)
+        ocp.PyTreeCheckpointer().save((tmp / "params").absolute(), params)
         (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2, sort_keys=True) + "\n")
         (tmp / CACHE_MANIFEST).write_text(json.dumps(manifest))
         os.rename(tmp, path)
@@ -388,7 +407,8 @@ def save_cache(model: Model, path: str | os.PathLike) -> Path:
     return path
 
 
-def _restore_cache(path: Path, *, dtype: DType, mesh: Mesh | None, device_memory: int | None) -> Model:
+def _restore_cache(path: Path, *, dtype: DType, mesh: Mesh | None, device_memory: int | None,
+                   kernel_layout: bool | None) -> Model:
     import orbax.checkpoint as ocp
 
     config = weights.config_from_native(_read_json(path / "config.json"), str(path / "config.json"))
@@ -420,4 +440,4 @@ def _restore_cache(path: Path, *, dtype: DType, mesh: Mesh | None, device_memory
     params = ocp.PyTreeCheckpointer().restore(
         (path / "params").absolute(), args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args)
     )
-    return Model(config=config, params=params, dtype=dtype)
+    return _finish(Model(config=config, params=params, dtype=dtype, mesh=mesh), kernel_layout)

@@ -6,8 +6,9 @@
 * :func:`routed_experts` has the semantics of ``moe.routed_experts``: stacked NVFP4 experts in bf16 compute
   go through the grouped kernels on GPU, otherwise through the reference.
 * :func:`prepare_weights` repacks every NVFP4 leaf of a parameter tree into the kernel layout once at load
-  time (exact and reversible: ``pallas_kernels.unpack_nvfp4``); a checkpoint-layout NVFP4 weight that reaches
-  a kernel is repacked on the fly instead (correct, but one extra pass over the weight per call).
+  time (``load_model`` and ``random_model`` do this on GPUs; exact and reversible: :func:`checkpoint_layout`);
+  a checkpoint-layout NVFP4 weight that reaches a kernel is repacked on the fly instead (correct, but one extra
+  pass over the weight per call). The references accept packed weights too.
 
 * :func:`index_select` has the semantics of ``indexer.select(indexer.index_scores(...))``, returning the
   selected rows as ascending indices (``[B, T, top_k]``, -1 padding) rather than a ``[B, T, R]`` mask, and
@@ -20,6 +21,8 @@ Blackwell-numerics option (activations quantised to NVFP4 with the checkpoint's 
 """
 
 from __future__ import annotations
+
+import collections
 
 import jax
 import jax.numpy as jnp
@@ -63,11 +66,49 @@ def _as_packed(w: quant.Nvfp4 | Nvfp4Packed) -> Nvfp4Packed:
     return w if isinstance(w, Nvfp4Packed) else pack_nvfp4(w)
 
 
-def prepare_weights(tree):
-    """Every ``quant.Nvfp4`` leaf of ``tree`` (any pytree of parameters) -> ``Nvfp4Packed``; other leaves
-    unchanged. Call once after loading, on GPU (the references accept packed weights too)."""
-    return jax.tree.map(lambda a: pack_nvfp4(a) if isinstance(a, quant.Nvfp4) else a, tree,
-                        is_leaf=lambda a: isinstance(a, quant.Nvfp4))
+def use_kernel_layout(dtype, devices=None) -> bool:
+    """Whether a model with compute ``dtype`` on ``devices`` (default: the default backend's) runs the NVFP4
+    kernels, so that :func:`prepare_weights` pays: bf16 compute on GPUs with the kernels enabled."""
+    platform = devices[0].platform if devices else jax.default_backend()
+    return ENABLED and platform in ("gpu", "cuda", "rocm") and jnp.dtype(dtype) == jnp.bfloat16
+
+
+def _is_nvfp4(a) -> bool:
+    return isinstance(a, (quant.Nvfp4, Nvfp4Packed))
+
+
+def prepare_weights(tree, *, donate: bool = False):
+    """Every ``quant.Nvfp4`` leaf of ``tree`` (any pytree of parameters) -> ``Nvfp4Packed``, the kernels'
+    layout (exact; :func:`checkpoint_layout` restores the checkpoint bytes); other leaves unchanged. Leaf by
+    leaf on the leaf's own devices, keeping its sharding (expert-sharded stacks stay sharded); ``donate``
+    frees each checkpoint-layout leaf as soon as its packed form exists (``load_model`` does this: the peak
+    is then one leaf's worth of extra memory). ``load_model`` and ``random_model`` call this on GPUs."""
+
+    def pack(a):
+        if not isinstance(a, quant.Nvfp4):
+            return a
+        sh = getattr(a.weight, "sharding", None)
+        if isinstance(sh, jax.sharding.NamedSharding):
+            n, k = a.shape[-2:]
+            out = Nvfp4Packed(sh, sh, a.weight_scale_2.sharding, a.input_scale.sharding, int(n), int(k))
+            p = jax.jit(pack_nvfp4, out_shardings=out)(a)
+        else:
+            p = jax.jit(pack_nvfp4)(a)
+        if donate:
+            jax.block_until_ready(p)
+            for x in (a.weight, a.weight_scale):  # the bulk; scalars may be shared (w1 / w3 global scales)
+                if isinstance(x, jax.Array) and counts[id(x)] == 1:
+                    x.delete()
+        return p
+
+    counts = collections.Counter(id(x) for x in jax.tree.leaves(tree))
+    return jax.tree.map(pack, tree, is_leaf=_is_nvfp4)
+
+
+def checkpoint_layout(tree):
+    """Inverse of :func:`prepare_weights`: every ``Nvfp4Packed`` leaf back to the checkpoint's ``quant.Nvfp4``
+    (bit for bit). Saving and anything that reads weights in the stored formats go through this."""
+    return jax.tree.map(lambda a: unpack_nvfp4(a) if isinstance(a, Nvfp4Packed) else a, tree, is_leaf=_is_nvfp4)
 
 
 def linear(x: jax.Array, w: Weight | Nvfp4Packed, dtype, out_dtype=None, *, interpret: bool = False,

@@ -13,8 +13,9 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
-from . import kernels, quant
+from . import kernels, quant, sharding
 from .attention import attention
 from .cache import Cache, LayerCache, init_cache
 from .config import Config
@@ -48,6 +49,7 @@ class Model:
     params: Params
     dtype: DType = "bfloat16"
     numerics: Numerics = Numerics()
+    mesh: Mesh | None = None  # set by load_model(mesh=...) / on_mesh: routed experts run expert-parallel
 
     def __post_init__(self):
         if self.dtype not in ("bfloat16", "float32"):
@@ -56,13 +58,25 @@ class Model:
     def with_dtype(self, dtype: DType) -> Model:
         return dataclasses.replace(self, dtype=dtype)
 
+    def on_mesh(self, mesh: Mesh | None) -> Model:
+        """The same model placed on ``mesh``: routed experts sharded over its ``"expert"`` axis (forward, prefill
+        and decode then run them expert-parallel), every other parameter replicated; ``None``: one device."""
+        sharding.check_mesh(mesh, self.config.n_routed_experts)
+        params = jax.device_put(self.params, sharding.param_shardings(self.params, mesh))
+        return dataclasses.replace(self, params=params, mesh=mesh)
 
-jax.tree_util.register_dataclass(Model, data_fields=["params"], meta_fields=["config", "dtype", "numerics"])
+
+jax.tree_util.register_dataclass(Model, data_fields=["params"], meta_fields=["config", "dtype", "numerics", "mesh"])
 
 
-def random_model(config: Config, seed: int = 0, *, dtype: DType = "bfloat16", **init_kwargs) -> Model:
-    """A model with random parameters in the stored formats (see ``params.init_params``)."""
-    return Model(config=config, params=init_params(config, jax.random.key(seed), **init_kwargs), dtype=dtype)
+def random_model(config: Config, seed: int = 0, *, dtype: DType = "bfloat16", kernel_layout: bool | None = None,
+                 **init_kwargs) -> Model:
+    """A model with random parameters in the stored formats (see ``params.init_params``). ``kernel_layout``:
+    repack the NVFP4 weights for the GPU kernels (default: when they will run them, as ``load_model``)."""
+    model = Model(config=config, params=init_params(config, jax.random.key(seed), **init_kwargs), dtype=dtype)
+    if kernel_layout if kernel_layout is not None else kernels.use_kernel_layout(dtype):
+        model = dataclasses.replace(model, params=kernels.prepare_weights(model.params, donate=True))
+    return model
 
 
 def block(p: Block, h: jax.Array, tokens: jax.Array, cache: LayerCache, pos0: jax.Array, n: jax.Array, layer: int,
@@ -77,7 +91,7 @@ def block(p: Block, h: jax.Array, tokens: jax.Array, cache: LayerCache, pos0: ja
     h = hc_post(a, h, post, comb)
     x, post, comb = hc_pre(h, p.hc_ffn_fn, p.hc_ffn_scale, p.hc_ffn_base, c)
     x = rms_norm(x, p.ffn_norm, c.rms_norm_eps)
-    f = moe(p.ffn, x, tokens, c, dt)
+    f = moe(p.ffn, x, tokens, c, dt, mesh=model.mesh)
     return hc_post(f, h, post, comb), cache
 
 

@@ -1,12 +1,19 @@
 """Mixture-of-experts FFN (ARCHITECTURE.md §8): sqrt-softplus router with a selection-only bias or hash
-routing, renormalised top-k weights times the routed scale, clipped SwiGLU experts and one shared expert."""
+routing, renormalised top-k weights times the routed scale, clipped SwiGLU experts and one shared expert.
+
+Expert parallelism: when the routed experts are sharded over a mesh's ``"expert"`` axis (``load_model(...,
+mesh=...)``), :func:`moe` runs them under ``jax.shard_map``: every device sees all tokens, computes the pairs
+routed to its own experts (the others enter as id ``-1`` and cost nothing), and one ``psum`` over the axis adds
+the partial results. No expert weight moves between devices.
+"""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
 
-from . import quant
+from . import quant, sharding
 from .config import Config
 from .params import Experts, MoE
 
@@ -51,8 +58,14 @@ def _slice(e: Experts, i) -> Experts:
     return jax.tree.map(lambda a: a[i], e)
 
 
+def n_experts(e: Experts) -> int:
+    """Number of experts in a stacked ``Experts`` (any stored format; the local ones inside ``shard_map``)."""
+    return jax.tree.leaves(e.w1)[0].shape[0]
+
+
 def routed_experts(e: Experts, x: jax.Array, ids: jax.Array, w: jax.Array, config: Config, dtype) -> jax.Array:
-    """Sum over the selected experts of ``w * expert(x)``, fp32. ``x [N, D]``, ``ids, w [N, k]``.
+    """Sum over the selected experts of ``w * expert(x)``, fp32. ``x [N, D]``, ``ids, w [N, k]``; an id of -1
+    selects nothing (a pair of another device's expert).
 
     Reference evaluation: the experts are visited one at a time in id order and only those that received
     tokens are computed, so at most one expert is ever dequantised and a token's result does not depend on
@@ -65,19 +78,41 @@ def routed_experts(e: Experts, x: jax.Array, ids: jax.Array, w: jax.Array, confi
                          lambda: jnp.zeros_like(acc))
         return acc + y, None
 
-    acc, _ = jax.lax.scan(body, jnp.zeros((n, config.hidden_size), jnp.float32),
-                          jnp.arange(config.n_routed_experts))
+    acc, _ = jax.lax.scan(body, jnp.zeros((n, config.hidden_size), jnp.float32), jnp.arange(n_experts(e)))
     return acc
 
 
-def moe(p: MoE, x: jax.Array, tokens: jax.Array, config: Config, dtype) -> jax.Array:
+def _expert_parallel(e: Experts, x: jax.Array, ids: jax.Array, w: jax.Array, config: Config, dtype,
+                     mesh: Mesh) -> jax.Array:
+    """:func:`routed_experts` with the experts sharded over ``mesh``'s ``"expert"`` axis (module docstring)."""
+    from . import kernels
+
+    axis = sharding.EXPERT_AXIS
+
+    def local(e_local, x, ids, w):
+        lo = jax.lax.axis_index(axis) * n_experts(e_local)
+        mine = (ids >= lo) & (ids < lo + n_experts(e_local))
+        y = kernels.routed_experts(e_local, x, jnp.where(mine, ids - lo, -1), jnp.where(mine, w, 0.0), config,
+                                   dtype)
+        return jax.lax.psum(y, axis)
+
+    rep = PartitionSpec()
+    return jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(axis), rep, rep, rep), out_specs=rep,
+                         check_vma=False)(e, x, ids, w)
+
+
+def moe(p: MoE, x: jax.Array, tokens: jax.Array, config: Config, dtype, mesh: Mesh | None = None) -> jax.Array:
     """§8.3: routed experts plus the (clipped, unweighted) shared expert, accumulated in fp32.
-    ``x [B, T, D]``, ``tokens [B, T]`` (hash routing) -> ``[B, T, D]`` in the compute dtype."""
+    ``x [B, T, D]``, ``tokens [B, T]`` (hash routing) -> ``[B, T, D]`` in the compute dtype. With a ``mesh``
+    whose ``"expert"`` axis has several devices the routed experts run expert-parallel (module docstring)."""
     b, t, d = x.shape
     ids, w = route(p, x, tokens, config)
     from . import kernels
 
-    routed = kernels.routed_experts(p.experts, x.reshape(b * t, d), ids.reshape(b * t, -1), w.reshape(b * t, -1),
-                                    config, dtype)
+    args = (p.experts, x.reshape(b * t, d), ids.reshape(b * t, -1), w.reshape(b * t, -1), config, dtype)
+    if sharding.expert_shards(mesh) > 1:
+        routed = _expert_parallel(*args, mesh)
+    else:
+        routed = kernels.routed_experts(*args)
     shared = expert_ffn(p.shared, x, None, config, dtype)
     return (routed.reshape(b, t, d) + shared).astype(dtype)

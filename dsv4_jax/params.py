@@ -294,9 +294,12 @@ def count_params(params: Params, *, mtp: bool = False) -> int:
     """Number of model parameters (logical weight elements; scales and the hash tables are not counted).
 
     Works on abstract trees (``jax.eval_shape(init_params, ...)``): nothing is allocated."""
+    from pallas_kernels.nvfp4_layout import Nvfp4Packed  # weights repacked for the GPU kernels count as NVFP4
+
     tree = params.mtp if mtp else dataclasses.replace(params, mtp=())
     total = 0
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_leaf)[0]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: _is_leaf(x) or isinstance(x, Nvfp4Packed))
+    for path, leaf in leaves[0]:
         if any(getattr(p, "name", None) == "tid2eid" for p in path):
             continue
         total += int(np.prod(quant.logical_shape(leaf)))

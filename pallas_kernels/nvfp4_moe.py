@@ -2,7 +2,9 @@
 pure-JAX reference.
 
 ``y[t] = sum_j w[t, j] * expert_{ids[t, j]}(x[t])`` where ``expert(x) = w2(SiLU(min(x w1^T, L)) *
-clamp(x w3^T, -L, L))`` and the routing weight multiplies the hidden before w2 (``moe.expert_ffn``).
+clamp(x w3^T, -L, L))`` and the routing weight multiplies the hidden before w2 (``moe.expert_ffn``). A pair
+with id ``-1`` contributes nothing and reads no weights: under expert parallelism each device passes the pairs
+routed to other devices' experts as ``-1`` (``dsv4_jax.moe``).
 
 Two schedules, each two Pallas kernels:
 
@@ -87,16 +89,17 @@ def make_schedule(ids: jax.Array, weights: jax.Array, n_experts: int, bm: int) -
     t, k = ids.shape
     p = t * k
     flat_e = ids.reshape(-1).astype(jnp.int32)
+    flat_e = jnp.where(flat_e < 0, n_experts, flat_e)  # skipped pairs: a virtual last expert, never computed
     flat_w = weights.reshape(-1).astype(jnp.float32)
     order = jnp.argsort(flat_e, stable=True).astype(jnp.int32)
     sorted_e = flat_e[order]
-    sizes = jnp.zeros((n_experts,), jnp.int32).at[flat_e].add(1)
+    sizes = jnp.zeros((n_experts + 1,), jnp.int32).at[flat_e].add(1)
     padded = (sizes + bm - 1) // bm * bm
     pend = jnp.cumsum(padded)
     pstart = pend - padded
     gstart = jnp.cumsum(sizes) - sizes
     slot_sorted = pstart[sorted_e] + jnp.arange(p, dtype=jnp.int32) - gstart[sorted_e]
-    n_tiles = p // bm + min(p, n_experts)
+    n_tiles = p // bm + min(p, n_experts + 1)
     rows = n_tiles * bm
     row_token = jnp.full((rows,), -1, jnp.int32).at[slot_sorted].set(order // k)
     row_weight = jnp.zeros((rows,), jnp.float32).at[slot_sorted].set(flat_w[order])
@@ -205,7 +208,7 @@ def _pair_w13_kernel(e_ref, x_ref, q1_ref, s1_ref, q3_ref, s3_ref, a1_ref, a3_re
     bm, bn, bkh = cfg.bm, cfg.bn13, cfg.bk // 2
     half = kp // 2
     pair, pn, sk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    e = e_ref[pair]
+    e = e_ref[pair]  # -1: a skipped pair (zeros written, no weight read)
     tok = pair // top_k
     first = jax.lax.broadcasted_iota(jnp.int32, (bm, bkh), 0) == 0
 
@@ -234,12 +237,21 @@ def _pair_w13_kernel(e_ref, x_ref, q1_ref, s1_ref, q3_ref, s3_ref, a1_ref, a3_re
         return (a1 + _dot_nt(w1_lo, x_lo) + _dot_nt(w1_hi, x_hi),
                 a3 + _dot_nt(w3_lo, x_lo) + _dot_nt(w3_hi, x_hi))
 
-    zero = jnp.zeros((bn, bm), jnp.float32)
-    a1, a3 = jax.lax.fori_loop(0, steps, body, (zero, zero))
     cols = pn * bn + jax.lax.broadcasted_iota(jnp.int32, (bn,), 0)
-    # Columns 1.. of the [bn, bm] accumulators are exact zeros (zero activation rows): the sum is column 0.
-    plt.store(a1_ref.at[sk, pair, pl.ds(pn * bn, bn)], jnp.sum(a1, axis=1), mask=cols < n_i)
-    plt.store(a3_ref.at[sk, pair, pl.ds(pn * bn, bn)], jnp.sum(a3, axis=1), mask=cols < n_i)
+
+    @pl.when(e >= 0)
+    def _():
+        zero = jnp.zeros((bn, bm), jnp.float32)
+        a1, a3 = jax.lax.fori_loop(0, steps, body, (zero, zero))
+        # Columns 1.. of the [bn, bm] accumulators are exact zeros (zero activation rows): the sum is column 0.
+        plt.store(a1_ref.at[sk, pair, pl.ds(pn * bn, bn)], jnp.sum(a1, axis=1), mask=cols < n_i)
+        plt.store(a3_ref.at[sk, pair, pl.ds(pn * bn, bn)], jnp.sum(a3, axis=1), mask=cols < n_i)
+
+    @pl.when(e < 0)
+    def _():
+        zero = jnp.zeros((bn,), jnp.float32)
+        plt.store(a1_ref.at[sk, pair, pl.ds(pn * bn, bn)], zero, mask=cols < n_i)
+        plt.store(a3_ref.at[sk, pair, pl.ds(pn * bn, bn)], zero, mask=cols < n_i)
 
 
 def _pair_w2_kernel(e_ref, rw_ref, a1_ref, a3_ref, g1_ref, g3_ref, q_ref, s_ref, g2_ref, y_ref, *, cfg: MoeConfig,
@@ -247,7 +259,8 @@ def _pair_w2_kernel(e_ref, rw_ref, a1_ref, a3_ref, g1_ref, g3_ref, q_ref, s_ref,
     bm, bn, bkh = cfg.bm, cfg.bn2, cfg.bk // 2
     half = kp // 2
     pair, pn, sk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    e = e_ref[pair]
+    e_raw = e_ref[pair]  # -1: a skipped pair (zeros written, no weight read)
+    e = jnp.maximum(e_raw, 0)
     g1 = g1_ref[e] * UNDO_DECODE_SCALE
     g3 = g3_ref[e] * UNDO_DECODE_SCALE
     rw = rw_ref[pair]
@@ -282,10 +295,17 @@ def _pair_w2_kernel(e_ref, rw_ref, a1_ref, a3_ref, g1_ref, g3_ref, q_ref, s_ref,
         w_lo, w_hi = decode(q, s_lo, s_hi)
         return acc + _dot_nt(w_lo, hidden(j0)) + _dot_nt(w_hi, hidden(half + j0))
 
-    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bn, bm), jnp.float32))
     cols = pn * bn + jax.lax.broadcasted_iota(jnp.int32, (bn,), 0)
-    plt.store(y_ref.at[sk, pair, pl.ds(pn * bn, bn)], jnp.sum(acc, axis=1) * (g2_ref[e] * UNDO_DECODE_SCALE),
-              mask=cols < n_d)
+
+    @pl.when(e_raw >= 0)
+    def _():
+        acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bn, bm), jnp.float32))
+        plt.store(y_ref.at[sk, pair, pl.ds(pn * bn, bn)],
+                  jnp.sum(acc, axis=1) * (g2_ref[e] * UNDO_DECODE_SCALE), mask=cols < n_d)
+
+    @pl.when(e_raw < 0)
+    def _():
+        plt.store(y_ref.at[sk, pair, pl.ds(pn * bn, bn)], jnp.zeros((bn,), jnp.float32), mask=cols < n_d)
 
 
 def _fit(bn: int, np_: int) -> int:
@@ -346,7 +366,8 @@ def _moe_sorted(x, ids, weights, w1: Nvfp4Packed, w2: Nvfp4Packed, w3: Nvfp4Pack
         k2, out_shape=jax.ShapeDtypeStruct((rows, d), jnp.float32), grid=(n_tiles, w2.np_ // cfg.bn2),
         interpret=interpret, compiler_params=params, name="nvfp4_moe_w2",
     )(sched.tile_expert, h, w2.qweight, w2.scale, w2.weight_scale_2)
-    return y[sched.pair_slot].reshape(t, ids.shape[1], d).sum(axis=1)
+    y = jnp.where((ids.reshape(-1) >= 0)[:, None], y[sched.pair_slot], 0.0)  # skipped pairs' rows are unwritten
+    return y.reshape(t, ids.shape[1], d).sum(axis=1)
 
 
 @functools.partial(jax.jit, static_argnames=("limit", "cfg", "interpret"))
@@ -397,7 +418,9 @@ def nvfp4_moe_reference(x: jax.Array, ids: jax.Array, weights: jax.Array, w1: qu
         return lin(h.astype(jnp.bfloat16), w2)
 
     t, k = ids.shape
-    ys = jax.vmap(one)(jnp.repeat(x, k, axis=0), ids.reshape(-1), weights.reshape(-1))
+    flat = ids.reshape(-1)
+    ys = jax.vmap(one)(jnp.repeat(x, k, axis=0), jnp.maximum(flat, 0), weights.reshape(-1))
+    ys = jnp.where((flat >= 0)[:, None], ys, 0.0)  # -1: a pair of another shard's expert
     return ys.reshape(t, k, -1).sum(axis=1)
 
 

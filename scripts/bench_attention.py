@@ -21,6 +21,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from cupti_timing import extension, median_kernel_ms
 
 from dsv4_jax import kernels
 from pallas_kernels import compressed_attention as CA
@@ -30,22 +31,6 @@ H, D, W, HI, DI, TOPK = 64, 512, 128, 64, 128, 512
 LAYERS = {"SWA": 2, "CSA": 21, "HCA": 20}  # Flash's 43 layers
 RATIO = {"SWA": 0, "CSA": 4, "HCA": 128}
 ROTATE_BYTES = 256 << 20
-
-
-def _cupti():
-    """CUPTI kernel timings through jaxlib's Mosaic-GPU extension (as ``scripts/bench_kernels.py``)."""
-    try:
-        from jax._src.lib import mosaic_gpu as mgl
-        return mgl._mosaic_gpu_ext
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def _timings(ext):
-    try:
-        return ext._cupti_get_timings(True)
-    except TypeError:
-        return ext._cupti_get_timings()
 
 
 def measure(fn, argsets, iters: int) -> tuple[float | None, float]:
@@ -58,23 +43,11 @@ def measure(fn, argsets, iters: int) -> tuple[float | None, float]:
         t = time.perf_counter()
         jax.block_until_ready(fn(*argsets[i % len(argsets)]))
         walls.append((time.perf_counter() - t) * 1e3)
-    wall = statistics.median(walls)
-    ext = _cupti()
-    if ext is None:
-        return None, wall
     try:
-        ext._cupti_init()
-        jax.block_until_ready(fn(*argsets[0]))
-        per_call = len(_timings(ext))
-        ext._cupti_init()
-        outs = [fn(*argsets[(i + 1) % len(argsets)]) for i in range(iters)]
-        jax.block_until_ready(outs)
-        t = _timings(ext)
+        kernel = median_kernel_ms(fn, argsets, iters)
     except Exception:  # noqa: BLE001
-        return None, wall
-    if per_call == 0 or len(t) != per_call * iters:
-        return sum(ms for _, ms in t) / iters, wall
-    return statistics.median(sum(ms for _, ms in t[i * per_call:(i + 1) * per_call]) for i in range(iters)), wall
+        kernel = None
+    return kernel, statistics.median(walls)
 
 
 def copies(tree, cap: int = 8):
@@ -247,7 +220,7 @@ def main():
     args = ap.parse_args()
     bw, mm = ceilings()
     print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}; measured ceilings: HBM read {bw:.2f} TB/s, "
-          f"bf16 matmul {mm:.0f} TFLOP/s; CUPTI {'on' if _cupti() else 'off (wall times)'}", flush=True)
+          f"bf16 matmul {mm:.0f} TFLOP/s; CUPTI {'on' if extension() else 'off (wall times)'}", flush=True)
     key = jax.random.PRNGKey(0)
     if args.sweep:
         sweep(key, mm, bw)

@@ -25,6 +25,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from cupti_timing import kernels_of_call, median_kernel_ms
 
 from dsv4_jax import quant
 from pallas_kernels import fp8_matmul as F
@@ -50,44 +51,20 @@ def log(*a):
 # Timing
 
 
-def _cupti():
-    try:
-        from jax._src.lib import mosaic_gpu as mgl
-        return mgl._mosaic_gpu_ext
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def _timings(ext):
-    try:
-        return ext._cupti_get_timings(True)
-    except TypeError:
-        return ext._cupti_get_timings()
-
-
 def median_ms(fn, argsets, iters: int) -> float:
-    """Median over ``iters`` calls (rotating over ``argsets``) of the summed kernel time of one call, ms."""
+    """Median over ``iters`` calls (rotating over ``argsets``) of the summed kernel time of one call, ms (CUPTI;
+    wall-clock time of blocking calls where CUPTI is unavailable)."""
+    ms = median_kernel_ms(fn, argsets, iters)
+    if ms is not None:
+        return ms
     for a in argsets:
         jax.block_until_ready(fn(*a))
-    ext = _cupti()
-    if ext is None:
-        ts = []
-        for i in range(iters):
-            t = time.perf_counter()
-            jax.block_until_ready(fn(*argsets[i % len(argsets)]))
-            ts.append((time.perf_counter() - t) * 1e3)
-        return statistics.median(ts)
-    ext._cupti_init()
-    jax.block_until_ready(fn(*argsets[0]))
-    per_call = len(_timings(ext))
-    ext._cupti_init()
-    outs = [fn(*argsets[(i + 1) % len(argsets)]) for i in range(iters)]
-    jax.block_until_ready(outs)
-    t = _timings(ext)
-    if per_call == 0 or len(t) != per_call * iters:
-        # The launch count varies between calls (XLA's sort): report the mean per call instead.
-        return sum(ms for _, ms in t) / iters
-    return statistics.median(sum(ms for _, ms in t[i * per_call:(i + 1) * per_call]) for i in range(iters))
+    ts = []
+    for i in range(iters):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*argsets[i % len(argsets)]))
+        ts.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(ts)
 
 
 def copies(tree, nbytes: int, cap: int = 48):
@@ -195,13 +172,7 @@ def routing(key, t):
 
 def kernel_breakdown(fn, argsets) -> list[tuple[str, float]]:
     """(kernel name, us) of every kernel one call launches (CUPTI), after a warm-up; [] without CUPTI."""
-    ext = _cupti()
-    if ext is None:
-        return []
-    jax.block_until_ready(fn(*argsets[0]))
-    ext._cupti_init()
-    jax.block_until_ready(fn(*argsets[-1]))
-    return [(name, ms * 1e3) for name, ms in _timings(ext)]
+    return [(name, ms * 1e3) for name, ms in kernels_of_call(fn, *argsets[-1]) or []]
 
 
 def log_breakdown(label, fn, argsets):

@@ -27,6 +27,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from cupti_timing import kernels_of_call
 
 import dsv4_jax as d
 from dsv4_jax import kernels
@@ -44,21 +45,6 @@ def flash_layers(ratios=(0, 4, 128), vocab: int | None = None, smoke: bool = Fal
                                vocab_size=vocab or f.vocab_size)
 
 
-def _cupti():
-    try:
-        from jax._src.lib import mosaic_gpu as mgl
-        return mgl._mosaic_gpu_ext
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def _kernels_of(ext) -> list[tuple[str, float]]:
-    try:
-        return ext._cupti_get_timings(True)
-    except TypeError:
-        return ext._cupti_get_timings()
-
-
 def measure(fn, iters: int) -> dict:
     """Wall-clock median of ``fn()`` (blocked), and with CUPTI the kernels of one call."""
     jax.block_until_ready(fn())
@@ -68,11 +54,8 @@ def measure(fn, iters: int) -> dict:
         jax.block_until_ready(fn())
         wall.append(time.perf_counter() - t0)
     out = {"wall_ms": 1e3 * statistics.median(wall), "kernel_ms": float("nan"), "n_kernels": 0, "kernels": []}
-    ext = _cupti() if jax.default_backend() == "gpu" else None
-    if ext is not None:
-        ext._cupti_init()
-        jax.block_until_ready(fn())
-        ks = _kernels_of(ext)
+    ks = kernels_of_call(fn)
+    if ks is not None:
         out.update(kernel_ms=sum(ms for _, ms in ks), n_kernels=len(ks), kernels=ks)
     return out
 

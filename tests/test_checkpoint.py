@@ -617,3 +617,26 @@ def test_expert_parallel_loading_reads_only_owned_experts(ckpt_q, tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.startswith("ok")
+
+
+def test_kernel_layout_at_load_is_exact_and_saves_the_checkpoint_bytes(ckpt_q, model_q, tokens, tmp_path):
+    """``kernel_layout=True`` (what load_model does on GPUs) repacks the NVFP4 experts once at load: the model
+    computes the same logits, counts the same parameters, and saving it (checkpoint or orbax cache) writes the
+    checkpoint's bytes, not the kernel layout."""
+    from dsv4_jax import kernels
+    from pallas_kernels import Nvfp4Packed
+
+    plain = _load(ckpt_q)
+    packed = _load(ckpt_q, kernel_layout=True)
+    assert isinstance(packed.params.layers[2].ffn.experts.w1, Nvfp4Packed)
+    assert not isinstance(plain.params.layers[2].ffn.experts.w1, Nvfp4Packed)
+    assert d.count_params(packed.params) == d.count_params(plain.params)
+    np.testing.assert_array_equal(np.asarray(d.forward(packed, tokens)), np.asarray(d.forward(plain, tokens)))
+    assert_same_params(kernels.checkpoint_layout(packed.params), plain.params)
+    ck.save_checkpoint(packed, tmp_path / "q", max_shard_bytes=SMALL_SHARDS)
+    files = sorted(p.name for p in ckpt_q.iterdir())
+    assert sorted(p.name for p in (tmp_path / "q").iterdir()) == files
+    for name in files:
+        assert (tmp_path / "q" / name).read_bytes() == (ckpt_q / name).read_bytes(), name
+    ck.save_cache(packed, tmp_path / "cache")
+    assert_same_params(_load(tmp_path / "cache", kernel_layout=False).params, plain.params)

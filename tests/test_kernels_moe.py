@@ -69,6 +69,32 @@ def test_swiglu_clip_is_active_interpret(t, schedule):
     assert rel(y, MO.nvfp4_moe_reference(x, ids, wts, *ws, 1.0)) < TOL
 
 
+def _skip_some(r, ids, wts):
+    """Mark about a third of the pairs -1 (another shard's expert) and give the independent check the same
+    routing with those pairs' weights at zero instead."""
+    skip = r.random(ids.shape) < 0.35
+    return (jnp.where(skip, -1, ids), jnp.where(skip, 0.0, wts),
+            jnp.where(skip, 0, ids), jnp.where(skip, 0.0, wts))
+
+
+@pytest.mark.parametrize("t,schedule", [(2, "pairs"), (30, "sorted")])
+def test_skipped_pairs_contribute_nothing_interpret(t, schedule):
+    """Expert parallelism passes pairs of other devices' experts as id -1: they add nothing (the result equals
+    zero routing weights on those pairs), in both schedules."""
+    r = rng()
+    ws, ps = experts(r)
+    ids, wts = routing(r, t, "random")
+    sk_ids, sk_w, ref_ids, ref_w = _skip_some(r, ids, wts)
+    x = bf16(r, t, D, scale=2.0)
+    cfg = dataclasses.replace(SMALL, schedule=schedule)
+    y = MO.nvfp4_moe(x, sk_ids, sk_w, *ps, 10.0, config=cfg, interpret=True)
+    want = MO.nvfp4_moe_reference(x, ref_ids, ref_w, *ws, 10.0)
+    assert rel(y, want) < TOL
+    assert rel(MO.nvfp4_moe_reference(x, sk_ids, sk_w, *ws, 10.0), want) < 1e-6
+    all_skipped = MO.nvfp4_moe(x, jnp.full_like(ids, -1), wts, *ps, 10.0, config=cfg, interpret=True)
+    assert float(jnp.abs(all_skipped).max()) == 0.0
+
+
 def test_schedule_pads_each_expert_to_whole_tiles_and_skips_empty_experts():
     r = rng()
     ids, wts = routing(r, 40, "random")
@@ -103,3 +129,6 @@ def test_gpu_grouped_equals_reference(t, decode):
     one = jnp.full((t, k), 5, jnp.int32).at[:, 1:].set(jnp.arange(1, k))
     y = MO.nvfp4_moe(x, one, wts, *ps, 10.0, config=cfg)
     assert rel(y, MO.nvfp4_moe_reference(x, one, wts, *ws, 10.0)) < TOL
+    sk_ids, sk_w, ref_ids, ref_w = _skip_some(r, ids, wts)
+    y = MO.nvfp4_moe(x, sk_ids, sk_w, *ps, 10.0, config=cfg)
+    assert rel(y, MO.nvfp4_moe_reference(x, ref_ids, ref_w, *ws, 10.0)) < TOL

@@ -1,0 +1,58 @@
+"""Kernel timings through CUPTI (jaxlib's Mosaic-GPU extension), shared by the benchmark scripts: the kernels a
+call launches, with their times, without the launch gaps between them. ``None`` where CUPTI is unavailable
+(CPU, or a jaxlib without the extension); the scripts then fall back to wall-clock times."""
+
+from __future__ import annotations
+
+import statistics
+
+import jax
+
+
+def extension():
+    """jaxlib's Mosaic-GPU extension (it carries the CUPTI hooks), or None."""
+    if jax.default_backend() != "gpu":
+        return None
+    try:
+        from jax._src.lib import mosaic_gpu as mgl
+
+        return mgl._mosaic_gpu_ext
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _collected(ext) -> list[tuple[str, float]]:
+    try:
+        return ext._cupti_get_timings(True)
+    except TypeError:  # older jaxlib: no "finalize" argument
+        return ext._cupti_get_timings()
+
+
+def kernels_of_call(fn, *args) -> list[tuple[str, float]] | None:
+    """``[(kernel name, ms)]`` of one blocking call of ``fn(*args)`` (after a warm-up call)."""
+    ext = extension()
+    if ext is None:
+        return None
+    jax.block_until_ready(fn(*args))
+    ext._cupti_init()
+    jax.block_until_ready(fn(*args))
+    return _collected(ext)
+
+
+def median_kernel_ms(fn, argsets, iters: int) -> float | None:
+    """Median over ``iters`` calls (rotating over ``argsets``) of the summed kernel time of one call, ms; the
+    mean per call where the number of launches varies between calls (XLA's sort, say)."""
+    ext = extension()
+    if ext is None:
+        return None
+    for a in argsets:
+        jax.block_until_ready(fn(*a))
+    ext._cupti_init()
+    jax.block_until_ready(fn(*argsets[0]))
+    per_call = len(_collected(ext))
+    ext._cupti_init()
+    jax.block_until_ready([fn(*argsets[(i + 1) % len(argsets)]) for i in range(iters)])
+    t = _collected(ext)
+    if per_call == 0 or len(t) != per_call * iters:
+        return sum(ms for _, ms in t) / iters
+    return statistics.median(sum(ms for _, ms in t[i * per_call:(i + 1) * per_call]) for i in range(iters))
