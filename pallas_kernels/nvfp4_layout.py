@@ -237,6 +237,18 @@ def _prmt(a: int, b: int, c: int) -> int:
     return out
 
 
+def decode_tile(q_ref, s_ref, lead: tuple, rows, j0, bkh: int, half: int, decode):
+    """In a kernel: the weight tile of packed columns ``[j0, j0 + bkh)`` of ``rows`` (a ``pl.ds``) of
+    ``q_ref[*lead]`` and its scales, decoded by ``decode`` into the ``(lo, hi)`` bf16 tiles (K ranges
+    ``[j0, j0 + bkh)`` and ``[half + j0, half + j0 + bkh)``, see the module docstring)."""
+    from jax.experimental import pallas as pl
+
+    q = q_ref[(*lead, rows, pl.ds(j0, bkh))]
+    s_lo = s_ref[(*lead, rows, pl.ds(j0 // 16, bkh // 16))]
+    s_hi = s_ref[(*lead, rows, pl.ds((half + j0) // 16, bkh // 16))]
+    return decode(q, s_lo, s_hi)
+
+
 def emulate_decode_ptx(word: int) -> tuple[list[int], list[int]]:
     """Bit-level model of ``_PTX_LO`` / ``_PTX_HI`` before the scale ``fma`` (for CPU tests): one little-endian
     32-bit word of 4 bytes -> bf16 bit patterns (``E2M1 x 2^-126``) of the 4 lo and the 4 hi codes."""

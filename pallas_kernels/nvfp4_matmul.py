@@ -25,7 +25,7 @@ from jax.experimental.pallas import triton as plt
 
 from dsv4_jax import quant
 
-from .nvfp4_layout import UNDO_DECODE_SCALE, Nvfp4Packed, decode_asm, decode_int, unpack_nvfp4
+from .nvfp4_layout import UNDO_DECODE_SCALE, Nvfp4Packed, decode_asm, decode_int, decode_tile, unpack_nvfp4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,10 +120,7 @@ def _matmul_kernel(x_ref, q_ref, s_ref, g_ref, o_ref, *, cfg: MatmulConfig, m: i
 
     def body(t, acc):
         j0 = pl.multiple_of((sk * steps + t) * bkh, bkh)
-        q = q_ref[pl.ds(pn * bn, bn), pl.ds(j0, bkh)]
-        s_lo = s_ref[pl.ds(pn * bn, bn), pl.ds(j0 // 16, bkh // 16)]
-        s_hi = s_ref[pl.ds(pn * bn, bn), pl.ds((half + j0) // 16, bkh // 16)]
-        w_lo, w_hi = decode(q, s_lo, s_hi)
+        w_lo, w_hi = decode_tile(q_ref, s_ref, (), pl.ds(pn * bn, bn), j0, bkh, half, decode)
         x_lo, x_hi = load_x(j0), load_x(half + j0)
         if cfg.swap_ab:
             return acc + _dot_nt(w_lo, x_lo) + _dot_nt(w_hi, x_hi)
@@ -173,10 +170,7 @@ def _dequant_kernel(q_ref, s_ref, o_ref, *, bn: int, bkh: int, n: int, k: int, k
     pn, pk = pl.program_id(0), pl.program_id(1)
     half = kp // 2
     j0 = pk * bkh
-    q = q_ref[pl.ds(pn * bn, bn), pl.ds(j0, bkh)]
-    s_lo = s_ref[pl.ds(pn * bn, bn), pl.ds(j0 // 16, bkh // 16)]
-    s_hi = s_ref[pl.ds(pn * bn, bn), pl.ds((half + j0) // 16, bkh // 16)]
-    w_lo, w_hi = decode(q, s_lo, s_hi)
+    w_lo, w_hi = decode_tile(q_ref, s_ref, (), pl.ds(pn * bn, bn), j0, bkh, half, decode)
     # Exact: the decoded tiles are W x 2^DECODE_LOG2 with at most 6 significant bits, in the normal range.
     w_lo, w_hi = w_lo * UNDO_DECODE_SCALE, w_hi * UNDO_DECODE_SCALE
     rows = pn * bn + jax.lax.broadcasted_iota(jnp.int32, (bn,), 0)

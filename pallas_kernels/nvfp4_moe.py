@@ -36,7 +36,7 @@ from jax.experimental.pallas import triton as plt
 
 from dsv4_jax import quant
 
-from .nvfp4_layout import UNDO_DECODE_SCALE, Nvfp4Packed, decode_asm, decode_int, unpack_nvfp4
+from .nvfp4_layout import UNDO_DECODE_SCALE, Nvfp4Packed, decode_asm, decode_int, decode_tile, unpack_nvfp4
 
 PAIRWISE_MAX = 32
 
@@ -135,10 +135,7 @@ def _w13_kernel(te_ref, tok_ref, rw_ref, x_ref, q1_ref, s1_ref, g1_ref, q3_ref, 
             return plt.load(x_ref.at[rows, cols], mask=live[:, None] & (cols < d), other=0.0)
 
         def tiles(q_ref, s_ref, j0):
-            q = q_ref[e, pl.ds(pn * bn, bn), pl.ds(j0, bkh)]
-            s_lo = s_ref[e, pl.ds(pn * bn, bn), pl.ds(j0 // 16, bkh // 16)]
-            s_hi = s_ref[e, pl.ds(pn * bn, bn), pl.ds((half + j0) // 16, bkh // 16)]
-            return decode(q, s_lo, s_hi)
+            return decode_tile(q_ref, s_ref, (e,), pl.ds(pn * bn, bn), j0, bkh, half, decode)
 
         def body(step, accs):
             a1, a3 = accs
@@ -185,10 +182,7 @@ def _w2_kernel(te_ref, h_ref, q_ref, s_ref, g_ref, y_ref, *, cfg: MoeConfig, i: 
 
         def body(step, acc):
             j0 = pl.multiple_of(step * bkh, bkh)
-            q = q_ref[e, pl.ds(pn * bn, bn), pl.ds(j0, bkh)]
-            s_lo = s_ref[e, pl.ds(pn * bn, bn), pl.ds(j0 // 16, bkh // 16)]
-            s_hi = s_ref[e, pl.ds(pn * bn, bn), pl.ds((half + j0) // 16, bkh // 16)]
-            w_lo, w_hi = decode(q, s_lo, s_hi)
+            w_lo, w_hi = decode_tile(q_ref, s_ref, (e,), pl.ds(pn * bn, bn), j0, bkh, half, decode)
             h_lo, h_hi = load_h(j0), load_h(half + j0)
             if cfg.swap_ab:
                 return acc + _dot_nt(w_lo, h_lo) + _dot_nt(w_hi, h_hi)
@@ -223,10 +217,7 @@ def _pair_w13_kernel(e_ref, x_ref, q1_ref, s1_ref, q3_ref, s3_ref, a1_ref, a3_re
         return jnp.where(first, row[None, :], 0.0).astype(jnp.bfloat16)
 
     def tiles(q_ref, s_ref, j0):
-        q = q_ref[e, pl.ds(pn * bn, bn), pl.ds(j0, bkh)]
-        s_lo = s_ref[e, pl.ds(pn * bn, bn), pl.ds(j0 // 16, bkh // 16)]
-        s_hi = s_ref[e, pl.ds(pn * bn, bn), pl.ds((half + j0) // 16, bkh // 16)]
-        return decode(q, s_lo, s_hi)
+        return decode_tile(q_ref, s_ref, (e,), pl.ds(pn * bn, bn), j0, bkh, half, decode)
 
     def body(t, accs):
         a1, a3 = accs
@@ -289,10 +280,7 @@ def _pair_w2_kernel(e_ref, rw_ref, a1_ref, a3_ref, g1_ref, g3_ref, q_ref, s_ref,
 
     def body(t, acc):
         j0 = pl.multiple_of((sk * steps + t) * bkh, bkh)
-        q = q_ref[e, pl.ds(pn * bn, bn), pl.ds(j0, bkh)]
-        s_lo = s_ref[e, pl.ds(pn * bn, bn), pl.ds(j0 // 16, bkh // 16)]
-        s_hi = s_ref[e, pl.ds(pn * bn, bn), pl.ds((half + j0) // 16, bkh // 16)]
-        w_lo, w_hi = decode(q, s_lo, s_hi)
+        w_lo, w_hi = decode_tile(q_ref, s_ref, (e,), pl.ds(pn * bn, bn), j0, bkh, half, decode)
         return acc + _dot_nt(w_lo, hidden(j0)) + _dot_nt(w_hi, hidden(half + j0))
 
     cols = pn * bn + jax.lax.broadcasted_iota(jnp.int32, (bn,), 0)
