@@ -57,7 +57,7 @@ def attend(q: jax.Array, win: jax.Array, win_mask: jax.Array, rows: jax.Array | 
     z = sink.astype(jnp.float32)[None, None, :]
     m = jnp.maximum(jnp.max(s, axis=-1), z)
     e = jnp.exp(s - m[..., None])
-    prob = (e / (jnp.sum(e, axis=-1) + jnp.exp(z - m))[..., None]).astype(dtype)
+    prob = (e / (quant.stable_sum(e, axis=-1) + jnp.exp(z - m))[..., None]).astype(dtype)
     w = win.shape[2]
     o = quant.matmul("bthw,btwd->bthd", prob[..., :w], win.astype(dtype))
     if rows is not None:

@@ -33,7 +33,7 @@ def pool(a: jax.Array, s: jax.Array, overlap: bool, prev_a=None, prev_s=None) ->
     For an overlapping compressor, ``prev_a, prev_s [B, m, d_c]`` are the first halves of the block before
     block 0 (absent: weight 0, as at the start of a sequence)."""
     if not overlap:
-        return jnp.sum(jax.nn.softmax(s, axis=2) * a, axis=2)
+        return quant.stable_sum(quant.softmax(s, axis=2) * a, axis=2)
     b, _, m, w = a.shape
     dc = w // 2
     if prev_a is None:
@@ -43,7 +43,7 @@ def pool(a: jax.Array, s: jax.Array, overlap: bool, prev_a=None, prev_s=None) ->
     ps = jnp.concatenate([prev_s[:, None], s[:, :-1, :, :dc]], axis=1)
     slots_a = jnp.concatenate([pa, a[..., dc:]], axis=2)  # [B, N, 2m, d_c]
     slots_s = jnp.concatenate([ps, s[..., dc:]], axis=2)
-    return jnp.sum(jax.nn.softmax(slots_s, axis=2) * slots_a, axis=2)
+    return quant.stable_sum(quant.softmax(slots_s, axis=2) * slots_a, axis=2)
 
 
 def finish(p: Compressor, rows: jax.Array, block_idx: jax.Array, ratio: int, config: Config, dtype,

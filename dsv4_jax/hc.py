@@ -16,18 +16,18 @@ from .config import Config
 def _mixes(h: jax.Array, fn: jax.Array, eps: float) -> jax.Array:
     """§4.2 steps 1-3: ``mu = (flatten(h) @ fn^T) * rho`` with ``rho`` the unweighted RMS of all n*D values."""
     x = h.reshape(*h.shape[:-2], -1).astype(jnp.float32)
-    rho = jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+    rho = jax.lax.rsqrt(quant.stable_sum(x * x, axis=-1, keepdims=True) / x.shape[-1] + eps)
     return quant.dense(x, fn.astype(jnp.float32)) * rho
 
 
 def sinkhorn(m0: jax.Array, iters: int, eps: float) -> jax.Array:
     """§4.2 step 8: row softmax (+eps), column normalisation, then ``iters - 1`` (row, column) rounds."""
-    m = jax.nn.softmax(m0, axis=-1) + eps
-    m = m / (jnp.sum(m, axis=-2, keepdims=True) + eps)
+    m = quant.softmax(m0, axis=-1) + eps
+    m = m / (quant.stable_sum(m, axis=-2, keepdims=True) + eps)
 
     def round_(_, m):
-        m = m / (jnp.sum(m, axis=-1, keepdims=True) + eps)
-        return m / (jnp.sum(m, axis=-2, keepdims=True) + eps)
+        m = m / (quant.stable_sum(m, axis=-1, keepdims=True) + eps)
+        return m / (quant.stable_sum(m, axis=-2, keepdims=True) + eps)
 
     # Unrolled on accelerators: XLA then fuses the rounds instead of launching a loop of tiny kernels (a decode
     # step of the tiny model on an H200: 3.5 ms instead of 7.1); a loop on the CPU, where it compiles faster.
@@ -62,13 +62,13 @@ def hc_pre(h: jax.Array, fn: jax.Array, scale: jax.Array, base: jax.Array, confi
         return pre, post, sinkhorn(m0, config.hc_sinkhorn_iters, config.hc_eps)
 
     pre, post, comb = _per_token(coefficients, _mixes(h, fn, config.rms_norm_eps))
-    x = jnp.sum(pre[..., None] * h.astype(jnp.float32), axis=-2)
+    x = quant.stable_sum(pre[..., None] * h.astype(jnp.float32), axis=-2)
     return x.astype(h.dtype), post, comb
 
 
 def hc_post(y: jax.Array, h: jax.Array, post: jax.Array, comb: jax.Array) -> jax.Array:
     """§4.3: ``h'[k] = post_k * y + sum_j comb[j, k] * h[j]`` (fp32, stored in h's dtype)."""
-    mixed = jnp.sum(comb[..., None] * h.astype(jnp.float32)[..., :, None, :], axis=-3)
+    mixed = quant.stable_sum(comb[..., None] * h.astype(jnp.float32)[..., :, None, :], axis=-3)
     return (post[..., None] * y.astype(jnp.float32)[..., None, :] + mixed).astype(h.dtype)
 
 
@@ -76,4 +76,4 @@ def hc_head(h: jax.Array, fn: jax.Array, scale: jax.Array, base: jax.Array, conf
     """§9.1: the final collapse, ``y = sum_j (sigmoid(scale * mu_j + base_j) + eps) h[j]``."""
     pre = _per_token(lambda mu: jax.nn.sigmoid(mu * scale.astype(jnp.float32)[0] + base.astype(jnp.float32))
                      + config.hc_eps, _mixes(h, fn, config.rms_norm_eps))
-    return jnp.sum(pre[..., None] * h.astype(jnp.float32), axis=-2).astype(h.dtype)
+    return quant.stable_sum(pre[..., None] * h.astype(jnp.float32), axis=-2).astype(h.dtype)

@@ -29,7 +29,7 @@ def index_scores(q: jax.Array, w: jax.Array, keys: jax.Array, dtype) -> jax.Arra
 
     The reference computes in bf16 (§7.4); scores are rounded to the compute dtype."""
     s = jax.nn.relu(quant.matmul("bthd,bnd->bthn", q, keys.astype(q.dtype)))
-    return jnp.sum(s * w[..., None], axis=2).astype(dtype).astype(jnp.float32)
+    return quant.stable_sum(s * w[..., None], axis=2).astype(dtype).astype(jnp.float32)
 
 
 def select(scores: jax.Array, positions: jax.Array, ratio: int, top_k: int) -> jax.Array:

@@ -30,7 +30,7 @@ def route(p: MoE, x: jax.Array, tokens: jax.Array, config: Config) -> tuple[jax.
     else:
         _, ids = jax.lax.top_k(scores + p.bias, config.num_experts_per_tok)
     w = jnp.take_along_axis(scores, ids, axis=-1)
-    w = w / jnp.sum(w, axis=-1, keepdims=True) * config.routed_scaling_factor
+    w = w / quant.stable_sum(w, axis=-1, keepdims=True) * config.routed_scaling_factor
     return ids, w
 
 

@@ -180,6 +180,32 @@ def matmul(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
+def stable_sum(x: jax.Array, axis: int = -1, keepdims: bool = False) -> jax.Array:
+    """``jnp.sum`` over one axis, on the CPU in an order fixed by that axis' length alone: a pairwise tree of
+    elementwise adds (the axis zero-padded to a power of two). XLA:CPU's reductions sum a row in an order that
+    depends on how many rows share the call (vectorised blocks of rows vs a remainder), so without this a decode
+    step and the same token inside a prompt can differ in the last bit (see :func:`matmul`). Elsewhere a plain
+    reduction."""
+    if jax.default_backend() != "cpu":
+        return jnp.sum(x, axis=axis, keepdims=keepdims)
+    y = jnp.moveaxis(x, axis, -1)
+    n = y.shape[-1]
+    width = 1 << max(0, (n - 1).bit_length())
+    if width != n:
+        y = jnp.pad(y, [(0, 0)] * (y.ndim - 1) + [(0, width - n)])
+    while y.shape[-1] > 1:
+        h = y.shape[-1] // 2
+        y = y[..., :h] + y[..., h:]
+    y = y[..., 0]
+    return jnp.expand_dims(y, axis) if keepdims else y
+
+
+def softmax(x: jax.Array, axis: int = -1) -> jax.Array:
+    """``jax.nn.softmax`` with its normaliser summed by :func:`stable_sum`."""
+    e = jnp.exp(x - jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True)))
+    return e / stable_sum(e, axis=axis, keepdims=True)
+
+
 def _product_size(spec: str, a: jax.Array, b: jax.Array) -> int:
     la, lb = spec.replace(" ", "").split("->")[0].split(",")
     sizes = dict(zip(la, a.shape)) | dict(zip(lb, b.shape))

@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
-from cupti_timing import extension, median_kernel_ms
+from cupti_timing import extension, median_kernel_ms, median_wall_ms
 
 from dsv4_jax import kernels
 from pallas_kernels import compressed_attention as CA
@@ -36,18 +34,12 @@ ROTATE_BYTES = 256 << 20
 def measure(fn, argsets, iters: int) -> tuple[float | None, float]:
     """``(kernel ms, wall ms)`` of one call: median over ``iters`` calls (rotating over ``argsets``) of the
     summed CUPTI kernel time (None without CUPTI), and median wall time of blocking calls."""
-    for a in argsets:
-        jax.block_until_ready(fn(*a))
-    walls = []
-    for i in range(iters):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*argsets[i % len(argsets)]))
-        walls.append((time.perf_counter() - t) * 1e3)
+    wall = median_wall_ms(fn, argsets, iters)
     try:
         kernel = median_kernel_ms(fn, argsets, iters)
     except Exception:  # noqa: BLE001
         kernel = None
-    return kernel, statistics.median(walls)
+    return kernel, wall
 
 
 def copies(tree, cap: int = 8):

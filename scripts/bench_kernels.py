@@ -19,13 +19,12 @@ import dataclasses
 import datetime
 import json
 import os
-import statistics
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
-from cupti_timing import kernels_of_call, median_kernel_ms
+from cupti_timing import kernels_of_call, median_kernel_ms, median_wall_ms
 
 from dsv4_jax import quant
 from pallas_kernels import fp8_matmul as F
@@ -55,16 +54,7 @@ def median_ms(fn, argsets, iters: int) -> float:
     """Median over ``iters`` calls (rotating over ``argsets``) of the summed kernel time of one call, ms (CUPTI;
     wall-clock time of blocking calls where CUPTI is unavailable)."""
     ms = median_kernel_ms(fn, argsets, iters)
-    if ms is not None:
-        return ms
-    for a in argsets:
-        jax.block_until_ready(fn(*a))
-    ts = []
-    for i in range(iters):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*argsets[i % len(argsets)]))
-        ts.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(ts)
+    return median_wall_ms(fn, argsets, iters) if ms is None else ms
 
 
 def copies(tree, nbytes: int, cap: int = 48):

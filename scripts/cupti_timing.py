@@ -1,10 +1,11 @@
-"""Kernel timings through CUPTI (jaxlib's Mosaic-GPU extension), shared by the benchmark scripts: the kernels a
-call launches, with their times, without the launch gaps between them. ``None`` where CUPTI is unavailable
-(CPU, or a jaxlib without the extension); the scripts then fall back to wall-clock times."""
+"""Timings shared by the benchmark scripts. Kernel times through CUPTI (jaxlib's Mosaic-GPU extension): the
+kernels a call launches, with their times, without the launch gaps between them; ``None`` where CUPTI is
+unavailable (CPU, or a jaxlib without the extension), and the scripts then fall back to wall-clock times."""
 
 from __future__ import annotations
 
 import statistics
+import time
 
 import jax
 
@@ -56,3 +57,15 @@ def median_kernel_ms(fn, argsets, iters: int) -> float | None:
     if per_call == 0 or len(t) != per_call * iters:
         return sum(ms for _, ms in t) / iters
     return statistics.median(sum(ms for _, ms in t[i * per_call:(i + 1) * per_call]) for i in range(iters))
+
+
+def median_wall_ms(fn, argsets, iters: int) -> float:
+    """Median wall-clock time of ``iters`` blocking calls (rotating over ``argsets``, after a warm-up), ms."""
+    for a in argsets:
+        jax.block_until_ready(fn(*a))
+    walls = []
+    for i in range(iters):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*argsets[i % len(argsets)]))
+        walls.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(walls)

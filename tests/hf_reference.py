@@ -98,11 +98,23 @@ def block_state_dict(b, prefix: str) -> dict[str, torch.Tensor]:
 
 
 def hf_model(model: Model):
-    """A float32 transformers model holding exactly ``model``'s (dequantised) weights."""
+    """A float32 transformers model holding exactly ``model``'s (dequantised) weights. transformers' config has
+    one HCA ratio per model: a configuration with several gets each HCA layer's compressor rebuilt at its own
+    ratio (without a cache the ratio only matters inside the compressor)."""
     from transformers import DeepseekV4ForCausalLM
+    from transformers.models.deepseek_v4 import modeling_deepseek_v4 as hfm
+
+    c = model.config
+    hca = sorted({r for r in c.compress_ratios[: c.num_hidden_layers] if r not in (0, 4)})
+
+    def with_hca(r):
+        return dataclasses.replace(c, compress_ratios=tuple(x if x in (0, 4) else r for x in c.compress_ratios))
 
     torch.manual_seed(0)
-    hf = DeepseekV4ForCausalLM(hf_config(model.config)).float().eval()
+    hf = DeepseekV4ForCausalLM(hf_config(with_hca(hca[0]) if hca else c)).float().eval()
+    for i, r in enumerate(c.compress_ratios[: c.num_hidden_layers]):
+        if hca and r not in (0, 4, hca[0]):
+            hf.model.layers[i].self_attn.compressor = hfm.DeepseekV4HCACompressor(hf_config(with_hca(r))).float()
     p = model.params
     sd = {"model.embed_tokens.weight": _t(p.embed), "lm_head.weight": _t(p.head), "model.norm.weight": _t(p.norm),
           "model.hc_head.hc_fn": _t(p.hc_head_fn), "model.hc_head.hc_base": _t(p.hc_head_base),
