@@ -8,5 +8,15 @@ os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 sys.path.insert(0, os.path.dirname(__file__))
 
 import jax
+import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Drop jax's compiled programs after each test module. The suite compiles thousands of small programs; with
+    all of them kept alive, the process aborted inside XLA:CPU compilation late in the suite (twice, at the same
+    test, which passes alone)."""
+    yield
+    jax.clear_caches()
