@@ -11,6 +11,7 @@ tensor or key; tolerated defects warn (``CheckpointWarning``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -249,8 +250,7 @@ def _finish(model: Model, kernel_layout: bool | None) -> Model:
         kernel_layout = kernels.use_kernel_layout(model.dtype, sharding.devices(model.mesh))
     if not kernel_layout:
         return model
-    return Model(config=model.config, params=kernels.prepare_weights(model.params, donate=True),
-                 dtype=model.dtype, numerics=model.numerics, mesh=model.mesh)
+    return dataclasses.replace(model, params=kernels.prepare_weights(model.params, donate=True))
 
 
 def _local_fraction(mesh: Mesh | None) -> float:
