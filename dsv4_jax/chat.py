@@ -8,9 +8,13 @@ into an assistant message (ENCODING.md §3.1); ``CompletionParser`` does the sam
 Reasoning modes (ENCODING.md §2.5): ``"none"`` = Non-think (official ``thinking_mode="chat"``), ``"high"`` =
 Think High (``"thinking"``, effort None or "high"), ``"max"`` = Think Max (``"thinking"``, effort "max").
 
-On every completion the official parser accepts, the parser returns the same message with ``errors == []``.
-Where the official parser raises, this one still returns a message and lists the problems in ``errors``; no
-character is lost: what cannot be parsed as reasoning or as a tool call is returned verbatim in ``content``.
+On a completion the official parser accepts, the parser returns the same message, with ``errors == []`` when
+the completion ends with EOS. It reports errors, and differs, only where the official result is accidental
+(tests/test_chat_official.py states each case): a missing EOS, a completion cut inside a tool-call block (only
+closed invokes are calls), a ``string="false"`` value that is not JSON (kept as a JSON string), an EOS inside
+a tool call (the completion ends at the first EOS). Where the official parser raises, this one still returns a
+message and lists the problems in ``errors``; no character is lost: what cannot be parsed as reasoning or as a
+tool call is returned verbatim in ``content``.
 """
 
 from __future__ import annotations
@@ -111,8 +115,9 @@ def _text(m: Mapping[str, Any], i: int, *, optional: bool) -> str:
 
 
 def _tool_result_text(m: Mapping[str, Any], i: int) -> str:
-    """ENCODING.md §2.3: list-valued tool content is flattened, text parts joined by a blank line."""
-    c = m.get("content")
+    """ENCODING.md §2.3: list-valued tool content is flattened, text parts joined by a blank line. A message
+    without ``content`` is an empty result, as in the official encoder (``msg.get("content", "")``)."""
+    c = m.get("content", "")
     if isinstance(c, str):
         return c
     if isinstance(c, list) and all(isinstance(p, Mapping) for p in c):
@@ -155,14 +160,15 @@ def _merge(full: list[Mapping[str, Any]]) -> list[_Turn]:
         role = m["role"]
         prev = turns[-1] if turns else None
         if role == "tool":
-            block = ("tool_result", _tool_result_text(m, i), m.get("tool_call_id"))
+            block = ("tool_result", _tool_result_text(m, i), m.get("tool_call_id", ""))
             if prev is not None and prev.blocks is not None:
                 prev.blocks.append(block)
                 prev.src.append(i)
             else:
                 turns.append(_Turn("user", {}, [i], [block]))
         elif role == "user":
-            block = ("text", _text(m, i, optional=False), None)
+            # The official encoder reads msg.get("content", ""): no content is "", content None an error.
+            block = ("text", _text(m, i, optional=False) if "content" in m else "", None)
             if prev is not None and prev.blocks is not None and not prev.msg.get("task"):
                 if m.get("task"):
                     # The official encoder would fold this message into the previous turn and lose its task.
@@ -179,15 +185,17 @@ def _merge(full: list[Mapping[str, Any]]) -> list[_Turn]:
 
 def _sort_tool_results(turns: list[_Turn]) -> None:
     """ENCODING.md §2.2 step 2: tool results follow the order of the latest assistant tool calls before them
-    (unknown ids rank first, the sort is stable, text blocks keep their slots)."""
-    order: list[Any] = []
+    (unknown ids rank first, the sort is stable, text blocks keep their slots). As in the official encoder, a
+    call's id is ``id`` or else ``function.id``, calls without one are not ranked, and a repeated id ranks at
+    its last call."""
+    order: dict[Any, int] = {}
     for t in turns:
         if t.role == "assistant" and t.msg.get("tool_calls"):
-            order = [c.get("id") for c in t.msg["tool_calls"]]
+            order = {cid: k for k, c in enumerate(t.msg["tool_calls"])
+                     if (cid := c.get("id") or c["function"].get("id", ""))}
         elif t.blocks is not None:
             slots = [k for k, b in enumerate(t.blocks) if b[0] == "tool_result"]
-            ranked = sorted((t.blocks[k] for k in slots),
-                            key=lambda b: order.index(b[2]) if b[2] in order else 0)
+            ranked = sorted((t.blocks[k] for k in slots), key=lambda b: order.get(b[2], 0))
             for k, b in zip(slots, ranked):
                 t.blocks[k] = b
 
@@ -211,16 +219,19 @@ def _header_extras(m: Mapping[str, Any]) -> str:
 
 
 def _parameters(arguments: str | Mapping[str, Any]) -> list[tuple[str, Any]]:
-    """Top-level (name, value) pairs of a call's arguments (ENCODING.md §2.7). Arguments that are not a JSON
-    object become one string parameter ``arguments`` holding the raw text, as the official encoder does with
-    invalid JSON."""
+    """Top-level (name, value) pairs of a call's arguments (ENCODING.md §2.7). Text that is not JSON becomes
+    one string parameter ``arguments`` holding it, as in the official encoder; JSON that is not an object is an
+    error there (it has no ``.items()``) and here."""
     if isinstance(arguments, Mapping):
         return list(arguments.items())
     try:
         parsed = json.loads(arguments)
-    except json.JSONDecodeError:
-        parsed = None
-    return list(parsed.items()) if isinstance(parsed, dict) else [("arguments", arguments)]
+    except (ValueError, RecursionError):  # what the official encoder's `except Exception` can meet here
+        return [("arguments", arguments)]
+    if not isinstance(parsed, dict):
+        raise ChatFormatError(f"tool-call arguments must be a JSON object, got {type(parsed).__name__}: "
+                              f"{arguments[:80]!r}")
+    return list(parsed.items())
 
 
 def _render_tool_calls(tool_calls: Sequence[Mapping[str, Any]]) -> str:
@@ -336,13 +347,14 @@ def encode_chat(
         # ENCODING.md §2.4: a transition comes only before an assistant or latest_reminder turn or at the end.
         if k + 1 < len(turns) and turns[k + 1].role not in ("assistant", "latest_reminder"):
             continue
-        opener = ASSISTANT + (THINK if think and (not drop or k >= last_user) else THINK_END)
         task = m.get("task")
         if task:  # ENCODING.md §2.8
-            prefix = opener if task == "action" and t.role in ("user", "developer") else ""
+            # As in the official encoder, "action" opens the answer on any role, with <think> in the thinking
+            # modes even before the last user turn.
+            prefix = ASSISTANT + (THINK if think else THINK_END) if task == "action" else ""
             out.append(prefix + TASK_TOKENS[task])
         elif t.role in ("user", "developer"):
-            out.append(opener)
+            out.append(ASSISTANT + (THINK if think and (not drop or k >= last_user) else THINK_END))
     return "".join(out)
 
 
@@ -367,8 +379,9 @@ class _Block:
     end: int = 0  # closed: offset just past the closing tag; failed: offset of the unparsed rest
 
 
-# ENCODING.md §3.1. Python's `$` also accepts one trailing "\n": the blank line of a zero-argument invoke.
-_HEADER = re.compile(r'^\s*name="(.*?)">\n$')
+# ENCODING.md §3.1. Python's `$` also accepts one trailing "\n": the blank line of a zero-argument invoke. As in
+# the official parser, names may span lines (DOTALL), so that any name the encoder writes reads back.
+_HEADER = re.compile(r'^\s*name="(.*?)">\n$', re.DOTALL)
 _PARAM = re.compile(r'^ name="(.*?)" string="(true|false)">(.*?)<$', re.DOTALL)
 # Tolerated deviations (reported in errors): other whitespace between attributes and tags.
 _HEADER_LAX = re.compile(r'^\s*name="(.*?)"\s*>\s*$')
