@@ -13,6 +13,8 @@ Public entry points (the modules keep their own names; import functions from the
 ``nvfp4_layout.pack_nvfp4`` / ``unpack_nvfp4``, each beside its ``*_reference``.
 """
 
+import dsv4_jax  # noqa: F401  (first: dsv4_jax.kernels imports these modules, which use dsv4_jax.quant)
+
 from . import fp8_matmul, nvfp4_act, nvfp4_layout, nvfp4_matmul, nvfp4_moe
 from .nvfp4_layout import Nvfp4Packed, pack_nvfp4, unpack_nvfp4
 

@@ -9,6 +9,10 @@ W4A4 option) multiplies the accumulator in the epilogue. With ``swap_ab`` the we
 so that a decode-sized M (16) is the narrow side of the tensor-core tile. Split-K writes fp32 partial sums
 that one small XLA reduction adds up.
 
+With ``method="fma"`` (a few rows, default for one row of a large matrix) the decoded tiles are multiplied on
+the CUDA cores in fp32 instead: a decode-sized product has one live row, and the tensor-core path pads it to 16
+and moves every decoded weight into the MMA operand layout.
+
 For large M a second path, :func:`nvfp4_dequantize` (an elementwise Pallas kernel writing the exact bf16
 weights once) followed by cuBLAS through ``jnp.dot``, costs one weight pass amortised over M rows.
 """
@@ -30,7 +34,8 @@ from .nvfp4_layout import UNDO_DECODE_SCALE, Nvfp4Packed, decode_asm, decode_int
 
 @dataclasses.dataclass(frozen=True)
 class MatmulConfig:
-    """Tile sizes and schedule of one launch. ``method``: ``"fused"`` (decode inside the matmul) or
+    """Tile sizes and schedule of one launch. ``method``: ``"fused"`` (decode inside a tensor-core matmul),
+    ``"fma"`` (decode and multiply on the CUDA cores, fp32 FMAs; a GEMV for a few rows, ``bm`` unused) or
     ``"dequant_dot"`` (Pallas dequantise + cuBLAS); ``decode``: ``"asm"`` (inline PTX) or ``"int"``."""
 
     bm: int = 16
@@ -64,6 +69,10 @@ def default_config(m: int, n: int, k: int) -> MatmulConfig:
     split = 1
     while split < 8 and tiles * split * 2 <= 1024 and k % (bk * split * 2) == 0 and k // (bk * split * 2) >= 2:
         split *= 2
+    if m == 1 and n * k >= 1 << 25:
+        # 8192x8192, M=1 (BENCHMARKS.md): CUDA-core rows 24.9 us (bn 64, split 8, 8 warps, 2 stages; about 25 for
+        # every tile tried) against 27.8 for the tensor-core kernel; at M=4 they take 51 us (4 rows of FMAs).
+        return MatmulConfig(bn=64, bk=256, split_k=split, num_warps=8, num_stages=2, method="fma")
     # 8192x8192, M=1 (BENCHMARKS.md): bn 64, bk 256, split 8, 3 stages 27.7 us; 4 stages 30.0, 6 stages 36.0.
     return MatmulConfig(bm=bm, bn=bn, bk=bk, split_k=split, swap_ab=True, num_warps=4, num_stages=3)
 
@@ -139,6 +148,43 @@ def _matmul_kernel(x_ref, q_ref, s_ref, g_ref, o_ref, *, cfg: MatmulConfig, m: i
         plt.store(o_ref.at[sk, pl.ds(pm * bm, bm), pl.ds(pn * bn, bn)], acc, mask=mask)
 
 
+def _fma_kernel(x_ref, q_ref, s_ref, g_ref, o_ref, *, cfg: MatmulConfig, m: int, n: int, k: int, kp: int,
+                steps: int, interpret: bool):
+    """CUDA-core GEMV: each of the ``m`` rows of ``x`` times the decoded ``[bn, bk]`` weight tile, summed over
+    K in fp32 (no tensor cores, so no operand layout conversion of the decoded weights)."""
+    bn, bkh = cfg.bn, cfg.bk // 2
+    half = kp // 2
+    decode = _decoder(cfg, interpret)
+    pn, sk = pl.program_id(0), pl.program_id(1)
+
+    def load_x(r, start):  # [1, bkh]
+        ref = x_ref.at[pl.ds(r, 1), pl.ds(start, bkh)]
+        if k == kp:
+            return ref[...].astype(jnp.float32)
+        cols = start + jax.lax.broadcasted_iota(jnp.int32, (1, bkh), 1)
+        return plt.load(ref, mask=cols < k, other=0.0).astype(jnp.float32)
+
+    def body(t, accs):
+        j0 = pl.multiple_of((sk * steps + t) * bkh, bkh)
+        w_lo, w_hi = decode_tile(q_ref, s_ref, (), pl.ds(pn * bn, bn), j0, bkh, half, decode)
+        w_lo, w_hi = w_lo.astype(jnp.float32), w_hi.astype(jnp.float32)
+        return tuple(acc + jnp.sum(w_lo * load_x(r, j0) + w_hi * load_x(r, half + j0), axis=1)
+                     for r, acc in enumerate(accs))
+
+    accs = jax.lax.fori_loop(0, steps, body, tuple(jnp.zeros((bn,), jnp.float32) for _ in range(m)))
+    cols = pn * bn + jax.lax.broadcasted_iota(jnp.int32, (bn,), 0)
+    for r, acc in enumerate(accs):
+        if cfg.split_k == 1:
+            out = (acc * (g_ref[0] * UNDO_DECODE_SCALE)).astype(o_ref.dtype)
+            plt.store(o_ref.at[pl.ds(r, 1), pl.ds(pn * bn, bn)], out[None, :], mask=(cols < n)[None, :])
+        else:
+            plt.store(o_ref.at[sk, pl.ds(r, 1), pl.ds(pn * bn, bn)], acc[None, :], mask=(cols < n)[None, :])
+
+
+FMA_MAX_M = 8
+"""Most rows the ``fma`` method takes (its accumulators are unrolled per row)."""
+
+
 def _check(cfg: MatmulConfig, kp: int, np_: int) -> None:
     if np_ % cfg.bn or kp % (cfg.bk * cfg.split_k):
         raise ValueError(f"config {cfg} does not tile the padded weight [{np_}, {kp}]")
@@ -150,13 +196,19 @@ def _fused(x, p: Nvfp4Packed, scale, out_dtype, cfg: MatmulConfig, interpret: bo
     n, kp, np_ = p.n, p.kp, p.np_
     _check(cfg, kp, np_)
     steps = kp // (cfg.bk * cfg.split_k)
-    grid = (pl.cdiv(m, cfg.bm) * (np_ // cfg.bn), cfg.split_k)
     if cfg.split_k == 1:
         out_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
     else:
         out_shape = jax.ShapeDtypeStruct((cfg.split_k, m, n), jnp.float32)
-    kernel = functools.partial(_matmul_kernel, cfg=cfg, m=m, n=n, k=k, kp=kp, np_=np_, steps=steps,
-                               interpret=interpret)
+    if cfg.method == "fma":
+        if m > FMA_MAX_M:
+            raise ValueError(f"the fma method takes at most {FMA_MAX_M} rows, got {m}")
+        grid = (np_ // cfg.bn, cfg.split_k)
+        kernel = functools.partial(_fma_kernel, cfg=cfg, m=m, n=n, k=k, kp=kp, steps=steps, interpret=interpret)
+    else:
+        grid = (pl.cdiv(m, cfg.bm) * (np_ // cfg.bn), cfg.split_k)
+        kernel = functools.partial(_matmul_kernel, cfg=cfg, m=m, n=n, k=k, kp=kp, np_=np_, steps=steps,
+                                   interpret=interpret)
     y = pl.pallas_call(
         kernel, out_shape=out_shape, grid=grid, interpret=interpret, name="nvfp4_matmul",
         compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),

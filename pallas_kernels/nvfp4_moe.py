@@ -13,7 +13,9 @@ Two schedules, each two Pallas kernels:
   fp32 partial sums of ``x w1^T`` and ``x w3^T``; ``w2`` on a ``(pair, D-block, K-split)`` grid sums those
   partials for its K step, applies the global scales, the clipped SwiGLU and the routing weight in its
   prologue, and writes fp32 partials of ``h w2^T * weight_scale_2``; one XLA reduction adds the K splits
-  and each token's ``k`` pairs. Split-K gives the memory system enough programs at batch 1 (6 pairs).
+  and each token's ``k`` pairs. Split-K gives the memory system enough programs at batch 1 (6 pairs). A pair
+  has one live row, so by default (``fma``) both kernels multiply it on the CUDA cores in fp32 instead of
+  padding it to a 16-row tensor-core tile (a quarter less time at batch 1, BENCHMARKS.md).
 * Larger batches: the ``P`` pairs are sorted by expert and each expert's rows padded to a multiple of
   ``bm``, so that every row tile belongs to one expert; at most ``P // bm + min(P, E)`` tiles exist, and only
   experts that received tokens own tiles (the others are never read). Unused tiles carry expert ``-1`` and
@@ -54,6 +56,7 @@ class MoeConfig:
     split13: int = 4
     split2: int = 2
     schedule: str = "pairs"
+    fma: bool = False
     swap_ab: bool = True
     num_warps: int = 4
     num_stages: int = 4
@@ -61,13 +64,15 @@ class MoeConfig:
 
 
 def default_config(pairs: int) -> MoeConfig:
-    """Per-size configuration (H200 measurements, BENCHMARKS.md: batch-1 decode, 6 pairs, split13 4 / split2 2
-    82 us against 86 for split13 2 and 99 for 8; 4 tokens, 24 pairs: split13 2 278 us against 303 for 4; at 16
-    tokens the sorted schedule, which reads a shared expert once, wins: 823 against 1021 us)."""
+    """Per-size configuration (H200 measurements, BENCHMARKS.md). Decode schedule with CUDA-core rows: batch 1
+    (6 pairs) 58.6 us with bn 32, split13 4 / split2 2, 4 warps, 3 stages (61.3 with bn 64; tensor-core tiles
+    81.3; 8 warps 106-245); 4 tokens (24 pairs) 206.9 us with bn 64 (tensor-core tiles 277-384). From 16 tokens
+    the sorted schedule, which reads an expert shared by several tokens once, wins (823 against 1021 us with
+    tensor-core tiles)."""
     if pairs <= 8:
-        return MoeConfig(split13=4, split2=2, num_stages=3)
+        return MoeConfig(bn13=32, bn2=32, split13=4, split2=2, num_stages=3, fma=True)
     if pairs <= PAIRWISE_MAX:
-        return MoeConfig(split13=2, split2=2, num_stages=4)
+        return MoeConfig(split13=4, split2=2, num_stages=3, fma=True)
     if pairs <= 4096:
         return MoeConfig(bm=16, bn13=64, bn2=64, bk=256, schedule="sorted", swap_ab=True, num_stages=4)
     return MoeConfig(bm=64, bn13=64, bn2=128, bk=128, schedule="sorted", swap_ab=False, num_warps=4, num_stages=3)
@@ -197,6 +202,30 @@ def _w2_kernel(te_ref, h_ref, q_ref, s_ref, g_ref, y_ref, *, cfg: MoeConfig, i: 
                   mask=jnp.broadcast_to((cols < n_d)[None, :], (bm, bn)))
 
 
+def _row_operand(row: jax.Array, bm: int, fma: bool) -> jax.Array:
+    """One pair's activation row ``[C]`` as the right operand of :func:`_row_product`, rounded to bf16: the row
+    itself in fp32 (``fma``), else row 0 of a ``[bm, C]`` tensor-core tile whose other rows are zero."""
+    row = row.astype(jnp.bfloat16)
+    if fma:
+        return row.astype(jnp.float32)
+    first = jax.lax.broadcasted_iota(jnp.int32, (bm, row.shape[0]), 0) == 0
+    return jnp.where(first, row[None, :], jnp.zeros((), jnp.bfloat16))
+
+
+def _row_product(w: jax.Array, row: jax.Array, fma: bool) -> jax.Array:
+    """Decoded weight tile ``[bn, C]`` times one activation row: ``[bn]`` fp32 on the CUDA cores (``fma``), or
+    ``[bn, bm]`` from the tensor cores (column 0 live)."""
+    if fma:
+        return jnp.sum(w.astype(jnp.float32) * row[None, :], axis=1)
+    return _dot_nt(w, row)
+
+
+def _row_result(acc: jax.Array) -> jax.Array:
+    """The ``[bn]`` result of accumulated :func:`_row_product`: columns 1.. of a tensor-core accumulator are
+    exact zeros (zero activation rows), so the row sum is column 0."""
+    return acc if acc.ndim == 1 else jnp.sum(acc, axis=1)
+
+
 def _pair_w13_kernel(e_ref, x_ref, q1_ref, s1_ref, q3_ref, s3_ref, a1_ref, a3_ref, *, cfg: MoeConfig, top_k: int,
                      d: int, kp: int, n_i: int, steps: int, decode):
     bm, bn, bkh = cfg.bm, cfg.bn13, cfg.bk // 2
@@ -204,17 +233,15 @@ def _pair_w13_kernel(e_ref, x_ref, q1_ref, s1_ref, q3_ref, s3_ref, a1_ref, a3_re
     pair, pn, sk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     e = e_ref[pair]  # -1: a skipped pair (zeros written, no weight read)
     tok = pair // top_k
-    first = jax.lax.broadcasted_iota(jnp.int32, (bm, bkh), 0) == 0
 
     def load_x(start):
-        # The pair's token row as row 0 of a [bm, bkh] tile (the other rows zero).
         ref = x_ref.at[tok, pl.ds(start, bkh)]
         if d == kp:
             row = ref[...]
         else:
             cols = start + jax.lax.broadcasted_iota(jnp.int32, (bkh,), 0)
             row = plt.load(ref, mask=cols < d, other=0.0)
-        return jnp.where(first, row[None, :], 0.0).astype(jnp.bfloat16)
+        return _row_operand(row, bm, cfg.fma)
 
     def tiles(q_ref, s_ref, j0):
         return decode_tile(q_ref, s_ref, (e,), pl.ds(pn * bn, bn), j0, bkh, half, decode)
@@ -225,18 +252,17 @@ def _pair_w13_kernel(e_ref, x_ref, q1_ref, s1_ref, q3_ref, s3_ref, a1_ref, a3_re
         x_lo, x_hi = load_x(j0), load_x(half + j0)
         w1_lo, w1_hi = tiles(q1_ref, s1_ref, j0)
         w3_lo, w3_hi = tiles(q3_ref, s3_ref, j0)
-        return (a1 + _dot_nt(w1_lo, x_lo) + _dot_nt(w1_hi, x_hi),
-                a3 + _dot_nt(w3_lo, x_lo) + _dot_nt(w3_hi, x_hi))
+        mv = functools.partial(_row_product, fma=cfg.fma)
+        return (a1 + mv(w1_lo, x_lo) + mv(w1_hi, x_hi), a3 + mv(w3_lo, x_lo) + mv(w3_hi, x_hi))
 
     cols = pn * bn + jax.lax.broadcasted_iota(jnp.int32, (bn,), 0)
 
     @pl.when(e >= 0)
     def _():
-        zero = jnp.zeros((bn, bm), jnp.float32)
+        zero = jnp.zeros((bn,) if cfg.fma else (bn, bm), jnp.float32)
         a1, a3 = jax.lax.fori_loop(0, steps, body, (zero, zero))
-        # Columns 1.. of the [bn, bm] accumulators are exact zeros (zero activation rows): the sum is column 0.
-        plt.store(a1_ref.at[sk, pair, pl.ds(pn * bn, bn)], jnp.sum(a1, axis=1), mask=cols < n_i)
-        plt.store(a3_ref.at[sk, pair, pl.ds(pn * bn, bn)], jnp.sum(a3, axis=1), mask=cols < n_i)
+        plt.store(a1_ref.at[sk, pair, pl.ds(pn * bn, bn)], _row_result(a1), mask=cols < n_i)
+        plt.store(a3_ref.at[sk, pair, pl.ds(pn * bn, bn)], _row_result(a3), mask=cols < n_i)
 
     @pl.when(e < 0)
     def _():
@@ -255,7 +281,6 @@ def _pair_w2_kernel(e_ref, rw_ref, a1_ref, a3_ref, g1_ref, g3_ref, q_ref, s_ref,
     g1 = g1_ref[e] * UNDO_DECODE_SCALE
     g3 = g3_ref[e] * UNDO_DECODE_SCALE
     rw = rw_ref[pair]
-    first = jax.lax.broadcasted_iota(jnp.int32, (bm, bkh), 0) == 0
 
     def partial_sum(ref, start):
         def one(s):
@@ -272,24 +297,24 @@ def _pair_w2_kernel(e_ref, rw_ref, a1_ref, a3_ref, g1_ref, g3_ref, q_ref, s_ref,
 
     def hidden(start):
         # ARCHITECTURE.md §8.2: SiLU(min(a, L)) * clamp(u, -L, L) times the routing weight (moe.expert_ffn),
-        # as row 0 of a [bm, bkh] bf16 tile; padding columns have a = u = 0, so h = 0.
+        # rounded to bf16 (the product's operand); padding columns have a = u = 0, so h = 0.
         a = jnp.minimum(partial_sum(a1_ref, start) * g1, limit)
         u = jnp.clip(partial_sum(a3_ref, start) * g3, -limit, limit)
-        h = a / (1.0 + jnp.exp(-a)) * u * rw
-        return jnp.where(first, h[None, :], 0.0).astype(jnp.bfloat16)
+        return _row_operand(a / (1.0 + jnp.exp(-a)) * u * rw, bm, cfg.fma)
 
     def body(t, acc):
         j0 = pl.multiple_of((sk * steps + t) * bkh, bkh)
         w_lo, w_hi = decode_tile(q_ref, s_ref, (e,), pl.ds(pn * bn, bn), j0, bkh, half, decode)
-        return acc + _dot_nt(w_lo, hidden(j0)) + _dot_nt(w_hi, hidden(half + j0))
+        mv = functools.partial(_row_product, fma=cfg.fma)
+        return acc + mv(w_lo, hidden(j0)) + mv(w_hi, hidden(half + j0))
 
     cols = pn * bn + jax.lax.broadcasted_iota(jnp.int32, (bn,), 0)
 
     @pl.when(e_raw >= 0)
     def _():
-        acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bn, bm), jnp.float32))
+        acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bn,) if cfg.fma else (bn, bm), jnp.float32))
         plt.store(y_ref.at[sk, pair, pl.ds(pn * bn, bn)],
-                  jnp.sum(acc, axis=1) * (g2_ref[e] * UNDO_DECODE_SCALE), mask=cols < n_d)
+                  _row_result(acc) * (g2_ref[e] * UNDO_DECODE_SCALE), mask=cols < n_d)
 
     @pl.when(e_raw < 0)
     def _():

@@ -206,6 +206,12 @@ def nv_candidates(m, np_, kp):
                         continue
                     out.append(NM.MatmulConfig(bm=16, bn=bn, bk=bk, split_k=split, swap_ab=True, num_warps=nw,
                                                num_stages=ns, decode=dec))
+        if m <= NM.FMA_MAX_M:
+            for bn, bk, nw, ns, split in ((64, 256, 8, 2, 8), (128, 256, 8, 3, 4), (32, 256, 4, 3, 4),
+                                          (64, 256, 4, 2, 8)):
+                if np_ % bn == 0 and kp % (bk * split) == 0 and kp // (bk * split) >= 2:
+                    out.append(NM.MatmulConfig(method="fma", bn=bn, bk=bk, split_k=split, num_warps=nw,
+                                               num_stages=ns))
     elif m <= 64:
         for swap in (True, False):
             for bn, bk, split in ((64, 256, 1), (64, 256, 2), (128, 128, 1)):
@@ -224,7 +230,12 @@ def moe_candidates(t_tok):
              for a, b, s1, s2, ns in ((64, 64, 4, 2, 4), (64, 64, 2, 2, 4), (64, 64, 8, 2, 4), (64, 64, 4, 1, 4),
                                       (64, 64, 4, 4, 4), (128, 128, 8, 4, 3), (32, 32, 2, 1, 4), (64, 64, 4, 2, 3),
                                       (128, 64, 8, 2, 3))]
-        return c if t_tok == 1 else c[:5]
+        # CUDA-core rows (fma): no 16-row tensor-core tile for a single row per pair.
+        c += [MO.MoeConfig(bn13=a, bn2=b, split13=s1, split2=s2, num_warps=nw, num_stages=ns, fma=True)
+              for a, b, s1, s2, nw, ns in ((64, 64, 4, 2, 8, 2), (64, 64, 4, 2, 4, 3), (64, 64, 2, 2, 8, 2),
+                                           (64, 64, 8, 4, 8, 2), (128, 128, 4, 2, 8, 2), (32, 32, 4, 2, 4, 3),
+                                           (64, 64, 4, 4, 8, 3))]
+        return c if t_tok == 1 else c[:5] + c[-7:-3]
     if t_tok <= 64:
         # The decode schedule reads an expert shared by several tokens once per pair; the sorted one once.
         return [MO.default_config(t_tok * TOPK), MO.MoeConfig(split13=4, split2=2),
@@ -288,6 +299,8 @@ def tuned(kind: str, name: str, m: int):
         if got is None:
             return None
         cfg = NM.MatmulConfig(**got[1])
+        if cfg.method == "fma" and m > NM.FMA_MAX_M:
+            return None
         return dataclasses.replace(cfg, bm=16 if m <= 16 else cfg.bm)
     if kind == "moe":
         got = TUNED.get(f"moe|{m}")

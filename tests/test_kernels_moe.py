@@ -46,25 +46,26 @@ def test_grouped_kernels_equal_reference_interpret(t, kind):
     assert rel(y, MO.nvfp4_moe_reference(x, ids, wts, *ws, 10.0)) < TOL
 
 
-@pytest.mark.parametrize("split13,split2", [(1, 1), (2, 4)])
-def test_decode_schedule_split_k_equals_reference_interpret(split13, split2):
+@pytest.mark.parametrize("split13,split2,fma", [(1, 1, False), (2, 4, False), (2, 1, True), (1, 2, True)])
+def test_decode_schedule_split_k_equals_reference_interpret(split13, split2, fma):
+    """The decode schedule with tensor-core tiles and with CUDA-core rows (``fma``)."""
     r = rng()
     ws, ps = experts(r)
     ids, wts = routing(r, 2, "random")
     x = bf16(r, 2, D, scale=2.0)
-    cfg = dataclasses.replace(SMALL, split13=split13, split2=split2, schedule="pairs")
+    cfg = dataclasses.replace(SMALL, split13=split13, split2=split2, schedule="pairs", fma=fma)
     y = MO.nvfp4_moe(x, ids, wts, *ps, 10.0, config=cfg, interpret=True)
     assert rel(y, MO.nvfp4_moe_reference(x, ids, wts, *ws, 10.0)) < TOL
 
 
-@pytest.mark.parametrize("t,schedule", [(20, "sorted"), (3, "pairs")])
-def test_swiglu_clip_is_active_interpret(t, schedule):
+@pytest.mark.parametrize("t,schedule,fma", [(20, "sorted", False), (3, "pairs", False), (3, "pairs", True)])
+def test_swiglu_clip_is_active_interpret(t, schedule, fma):
     """Inputs large enough that min(a, L) and clamp(u, -L, L) bind."""
     r = rng()
     ws, ps = experts(r)
     ids, wts = routing(r, t, "random")
     x = bf16(r, t, D, scale=40.0)
-    cfg = dataclasses.replace(SMALL, schedule=schedule)
+    cfg = dataclasses.replace(SMALL, schedule=schedule, fma=fma)
     y = MO.nvfp4_moe(x, ids, wts, *ps, 1.0, config=cfg, interpret=True)
     assert rel(y, MO.nvfp4_moe_reference(x, ids, wts, *ws, 1.0)) < TOL
 
@@ -77,8 +78,8 @@ def _skip_some(r, ids, wts):
             jnp.where(skip, 0, ids), jnp.where(skip, 0.0, wts))
 
 
-@pytest.mark.parametrize("t,schedule", [(2, "pairs"), (30, "sorted")])
-def test_skipped_pairs_contribute_nothing_interpret(t, schedule):
+@pytest.mark.parametrize("t,schedule,fma", [(2, "pairs", False), (2, "pairs", True), (30, "sorted", False)])
+def test_skipped_pairs_contribute_nothing_interpret(t, schedule, fma):
     """Expert parallelism passes pairs of other devices' experts as id -1: they add nothing (the result equals
     zero routing weights on those pairs), in both schedules."""
     r = rng()
@@ -86,7 +87,7 @@ def test_skipped_pairs_contribute_nothing_interpret(t, schedule):
     ids, wts = routing(r, t, "random")
     sk_ids, sk_w, ref_ids, ref_w = _skip_some(r, ids, wts)
     x = bf16(r, t, D, scale=2.0)
-    cfg = dataclasses.replace(SMALL, schedule=schedule)
+    cfg = dataclasses.replace(SMALL, schedule=schedule, fma=fma)
     y = MO.nvfp4_moe(x, sk_ids, sk_w, *ps, 10.0, config=cfg, interpret=True)
     want = MO.nvfp4_moe_reference(x, ref_ids, ref_w, *ws, 10.0)
     assert rel(y, want) < TOL
@@ -115,15 +116,16 @@ def test_schedule_pads_each_expert_to_whole_tiles_and_skips_empty_experts():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("t", [1, 4, 40, 700])
-@pytest.mark.parametrize("decode", ["asm", "int"])
-def test_gpu_grouped_equals_reference(t, decode):
+@pytest.mark.parametrize("decode,fma", [("asm", False), ("int", False), ("asm", True)])
+def test_gpu_grouped_equals_reference(t, decode, fma):
     r = rng()
     e, d, i, k = 32, 512, 256, 6
     ws, ps = experts(r, e, d, i)
     ids = jnp.asarray(np.stack([r.choice(e - 2, k, replace=False) for _ in range(t)]), jnp.int32)
     wts = jnp.asarray(r.random((t, k)), jnp.float32)
     x = bf16(r, t, d)
-    cfg = dataclasses.replace(MO.default_config(t * k), decode=decode)
+    cfg = MO.default_config(t * k)
+    cfg = dataclasses.replace(cfg, decode=decode, fma=fma and cfg.schedule == "pairs")
     y = MO.nvfp4_moe(x, ids, wts, *ps, 10.0, config=cfg)
     assert rel(y, MO.nvfp4_moe_reference(x, ids, wts, *ws, 10.0)) < TOL
     one = jnp.full((t, k), 5, jnp.int32).at[:, 1:].set(jnp.arange(1, k))

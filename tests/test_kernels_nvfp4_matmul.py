@@ -15,12 +15,15 @@ from pallas_kernels import nvfp4_matmul as NM
 
 C = NM.MatmulConfig
 
-# (M, N, K, config): M, N, K not multiples of the tiles; both operand orders; split-K; both methods.
+# (M, N, K, config): M, N, K not multiples of the tiles; both operand orders; split-K; every method.
 CASES = [
     (1, 40, 96, C(bm=16, bn=32, bk=64, decode="int")),
     (19, 130, 272, C(bm=16, bn=64, bk=128, split_k=2, swap_ab=False, decode="int")),
     (33, 64, 512, C(bm=32, bn=64, bk=256, split_k=2, decode="int")),
     (5, 72, 160, C(method="dequant_dot", decode="int")),
+    (1, 40, 96, C(method="fma", bn=32, bk=64, decode="int")),
+    (3, 130, 272, C(method="fma", bn=64, bk=128, split_k=2, decode="int")),
+    (8, 64, 512, C(method="fma", bn=64, bk=256, split_k=2, decode="int")),
 ]
 
 
@@ -63,6 +66,9 @@ def test_shape_errors():
         NM.nvfp4_matmul(jnp.zeros((2, 48), jnp.bfloat16), p, interpret=True)
     with pytest.raises(ValueError, match="does not tile"):
         NM.nvfp4_matmul(jnp.zeros((2, 32), jnp.bfloat16), p, config=C(bn=256), interpret=True)
+    with pytest.raises(ValueError, match="at most"):
+        NM.nvfp4_matmul(jnp.ones((NM.FMA_MAX_M + 1, 32), jnp.bfloat16), p, config=C(method="fma", bn=64, bk=64),
+                        interpret=True)
 
 
 def test_activation_quantiser_is_nvfp4_with_the_input_scale():
