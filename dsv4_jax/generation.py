@@ -16,11 +16,10 @@ import numpy as np
 
 from .cache import Cache, init_cache
 from .model import Model, _head, run_blocks, token_matrix
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, _sample, sample, sampling_args
 
 
-@functools.partial(jax.jit, static_argnames=("last_only",), donate_argnames=("cache",))
-def _step(model: Model, cache: Cache, tokens: jax.Array, n: jax.Array, last_only: bool):
+def _step_fn(model: Model, cache: Cache, tokens: jax.Array, n: jax.Array, last_only: bool):
     """Run ``tokens [B, T]`` (``n[b]`` real ones per row) through the model, continuing ``cache``.
     Returns logits ``[B, T, V]`` (or ``[B, V]`` at each row's last real token) and the new cache."""
     p = model.params
@@ -33,6 +32,9 @@ def _step(model: Model, cache: Cache, tokens: jax.Array, n: jax.Array, last_only
     if last_only:
         logits = logits[:, 0]
     return logits, new
+
+
+_step = jax.jit(_step_fn, static_argnames=("last_only",), donate_argnames=("cache",))
 
 
 def _as_tokens(model: Model, tokens) -> np.ndarray:
@@ -106,6 +108,38 @@ def decode_step(model: Model, tokens, cache: Cache, *, active=None) -> tuple[jax
     return (logits if squeeze else logits[:, None]), cache
 
 
+@functools.partial(jax.jit, static_argnames=("size", "greedy"), donate_argnames=("cache",))
+def _decode_chunk(model: Model, cache: Cache, tok: jax.Array, key: jax.Array, done: jax.Array, stop_ids: jax.Array,
+                  count: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, size: int,
+                  greedy: bool):
+    """Up to ``count <= size`` decoding rounds on the device, in one call: each round feeds ``tok [B]`` of the
+    rows not ``done`` through the model (``decode_step``), splits ``key`` and samples the next tokens; a row
+    that samples one of ``stop_ids`` is done from then on. Stops early once every row is done. Returns the
+    tokens ``[size, B]`` (-1 where a row was done or the round did not run), the last tokens, the key, the
+    done mask and the cache. The same rounds as ``decode_step`` + ``sample`` one at a time, so the same tokens;
+    one dispatch of the parameter tree per ``size`` tokens instead of per token."""
+    pad = DECODE_PAD if model.dtype == "float32" else 1
+
+    def cond(c):
+        i, _, _, _, done, _ = c
+        return (i < count) & ~jnp.all(done)
+
+    def body(c):
+        i, cache, tok, key, done, out = c
+        active = ~done
+        tokens = jnp.repeat(jnp.where(active, tok, 0)[:, None], pad, axis=1)
+        logits, cache = _step_fn(model, cache, tokens, active.astype(jnp.int32), True)
+        key, sub = jax.random.split(key)
+        nxt = _sample(logits, sub, temperature, top_k, top_p, greedy=greedy)
+        out = out.at[i].set(jnp.where(active, nxt, -1))
+        done = done | (active & jnp.isin(nxt, stop_ids))
+        return i + 1, cache, jnp.where(active, nxt, tok), key, done, out
+
+    out = jnp.full((size, tok.shape[0]), -1, jnp.int32)
+    _, cache, tok, key, done, out = jax.lax.while_loop(cond, body, (jnp.int32(0), cache, tok, key, done, out))
+    return out, tok, key, done, cache
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Generation
 
@@ -157,10 +191,22 @@ def _prepare(model: Model, prompts, params: SamplingParams, tokenizer, max_len):
     return ids, max_len, stopper
 
 
+DECODE_CHUNK = 8
+"""Decoding rounds per device call in ``generate`` (``steps_per_call``)."""
+
+
 def generate_stream(model: Model, prompts, params: SamplingParams | None = None, *, tokenizer=None,
-                    max_len: int | None = None, **kwargs) -> Iterator[list[int | None]]:
-    """Like ``generate`` but yields, after each decoding step, the new token of every prompt (``None`` for a
-    prompt that has already stopped). Sampling options as in ``SamplingParams`` (or as keyword arguments)."""
+                    max_len: int | None = None, steps_per_call: int = DECODE_CHUNK,
+                    **kwargs) -> Iterator[list[int | None]]:
+    """Like ``generate`` but yields, for each decoding step, the new token of every prompt (``None`` for a
+    prompt that has already stopped). Sampling options as in ``SamplingParams`` (or as keyword arguments).
+
+    The first token comes right after the prompt's prefill; later ones are decoded ``steps_per_call`` at a
+    time in one device call (stop tokens are checked on the device, stop strings here, so a sequence that hits
+    a stop string may compute up to ``steps_per_call - 1`` tokens that are then dropped) and yielded in a burst.
+    ``steps_per_call=1`` yields after every step. The tokens do not depend on it."""
+    if not isinstance(steps_per_call, int) or steps_per_call < 1:
+        raise ValueError(f"steps_per_call must be a positive integer, got {steps_per_call!r}")
     params = dataclasses.replace(params or SamplingParams(), **kwargs)
     ids, max_len, stopper = _prepare(model, prompts, params, tokenizer, max_len)
     b = len(ids)
@@ -171,9 +217,8 @@ def generate_stream(model: Model, prompts, params: SamplingParams | None = None,
     key = jax.random.key(params.seed)
     done = np.zeros(b, bool)
     generated: list[list[int]] = [[] for _ in range(b)]
-    for step in range(params.max_new_tokens):
-        key, sub = jax.random.split(key)
-        nxt = np.asarray(sample(logits, sub, params))
+
+    def record(nxt: np.ndarray) -> list[int | None]:
         out: list[int | None] = []
         for i in range(b):
             if done[i]:
@@ -182,22 +227,39 @@ def generate_stream(model: Model, prompts, params: SamplingParams | None = None,
             generated[i].append(int(nxt[i]))
             out.append(int(nxt[i]))
             done[i] = stopper.hit(generated[i])
-        yield out
-        if done.all() or step == params.max_new_tokens - 1:
-            return
-        logits, cache = decode_step(model, np.where(done, 0, nxt), cache, active=~done)
+        return out
+
+    key, sub = jax.random.split(key)
+    nxt = np.asarray(sample(logits, sub, params))
+    yield record(nxt)
+    left = params.max_new_tokens - 1
+    stop_ids = jnp.asarray(sorted(stopper.stop_ids), jnp.int32)
+    *opts, greedy = sampling_args(params)
+    tok = jnp.asarray(np.where(done, 0, nxt).astype(np.int32))
+    while left > 0 and not done.all():
+        count = min(steps_per_call, left)
+        rounds, tok, key, _, cache = _decode_chunk(
+            model, cache, tok, key, jnp.asarray(done), stop_ids, jnp.int32(count), *opts, size=steps_per_call,
+            greedy=greedy)
+        for row in np.asarray(rounds)[:count]:
+            if done.all():
+                return
+            yield record(row)
+            left -= 1
 
 
 def generate(model: Model, prompts: Sequence, params: SamplingParams | None = None, *, tokenizer=None,
-             max_len: int | None = None, **kwargs) -> list[list[int]]:
+             max_len: int | None = None, steps_per_call: int = DECODE_CHUNK, **kwargs) -> list[list[int]]:
     """Sample continuations of ``prompts`` (token-id lists, or strings encoded with ``tokenizer``, by default the
     official V4 tokenizer). Returns the generated token ids of each prompt, stop token included.
 
     Options (``SamplingParams`` fields, also accepted as keyword arguments): ``max_new_tokens``,
     ``temperature`` (0 = greedy), ``top_k``, ``top_p``, ``seed``, ``stop_token_ids``, ``stop_strings``,
-    ``ignore_eos``. The cache holds ``max_len`` tokens (default: longest prompt + max_new_tokens)."""
+    ``ignore_eos``. The cache holds ``max_len`` tokens (default: longest prompt + max_new_tokens).
+    ``steps_per_call``: decoding rounds per device call (see ``generate_stream``)."""
     out: list[list[int]] = [[] for _ in prompts]
-    for step in generate_stream(model, prompts, params, tokenizer=tokenizer, max_len=max_len, **kwargs):
+    for step in generate_stream(model, prompts, params, tokenizer=tokenizer, max_len=max_len,
+                                steps_per_call=steps_per_call, **kwargs):
         for i, t in enumerate(step):
             if t is not None:
                 out[i].append(t)

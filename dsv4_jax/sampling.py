@@ -38,32 +38,47 @@ class SamplingParams:
             raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
 
 
-def filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
+def filter_logits(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
     """Temperature-scaled logits ``[B, V]`` with everything outside the top-k / top-p set at ``-inf``.
-    The most likely token always survives."""
+    The most likely token always survives. The options may be Python numbers or traced scalars (so one
+    compiled program serves every setting); ``top_k`` 0 (or >= V) and ``top_p`` >= 1 disable the filters.
+    Top-p is applied to the distribution that top-k leaves."""
     x = logits.astype(jnp.float32) / temperature
-    if top_k and top_k < x.shape[-1]:
-        kth = jax.lax.top_k(x, top_k)[0][..., -1:]
-        x = jnp.where(x < kth, -jnp.inf, x)
-    if top_p < 1.0:
-        order = jnp.argsort(-x, axis=-1)
+    v = x.shape[-1]
+    top_k = jnp.asarray(top_k, jnp.int32)
+    top_p = jnp.asarray(top_p, jnp.float32)
+    use_k = (top_k > 0) & (top_k < v)
+
+    def filtered(x):
+        order = jnp.argsort(-x, axis=-1)  # stable: equal values keep their index order
         sorted_x = jnp.take_along_axis(x, order, axis=-1)
+        kth = jax.lax.dynamic_index_in_dim(sorted_x, jnp.clip(top_k - 1, 0, v - 1), axis=-1)
+        x = jnp.where(use_k & (x < kth), -jnp.inf, x)
+        sorted_x = jnp.where(use_k & (sorted_x < kth), -jnp.inf, sorted_x)
         probs = jax.nn.softmax(sorted_x, axis=-1)
         before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
-        keep_sorted = before < top_p
+        keep_sorted = (before < top_p) | (top_p >= 1.0)
         keep = jnp.zeros_like(keep_sorted).at[jnp.arange(x.shape[0])[:, None], order].set(keep_sorted)
-        x = jnp.where(keep, x, -jnp.inf)
-    return x
+        return jnp.where(keep, x, -jnp.inf)
+
+    return jax.lax.cond(use_k | (top_p < 1.0), filtered, lambda x: x, x)
 
 
-@functools.partial(jax.jit, static_argnames=("temperature", "top_k", "top_p"))
-def _sample(logits: jax.Array, key: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
-    if temperature == 0:
+@functools.partial(jax.jit, static_argnames=("greedy",))
+def _sample(logits: jax.Array, key: jax.Array, temperature, top_k, top_p, greedy: bool) -> jax.Array:
+    if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p), axis=-1).astype(jnp.int32)
+
+
+def sampling_args(params: SamplingParams) -> tuple:
+    """``(temperature, top_k, top_p)`` as device scalars and the static ``greedy`` flag of ``_sample``."""
+    return (jnp.float32(params.temperature), jnp.int32(params.top_k), jnp.float32(params.top_p),
+            params.temperature == 0)
 
 
 def sample(logits: jax.Array, key: jax.Array, params: SamplingParams) -> jax.Array:
     """Next token ids ``[B]`` from logits ``[B, V]``: argmax when ``temperature == 0``, else a draw from the
     temperature-scaled distribution restricted to the top-k / top-p set."""
-    return _sample(logits, key, float(params.temperature), int(params.top_k), float(params.top_p))
+    *opts, greedy = sampling_args(params)
+    return _sample(logits, key, *opts, greedy=greedy)

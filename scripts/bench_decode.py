@@ -1,7 +1,9 @@
 """Prefill and decode throughput of random models (tiny and mid-size) on the default backend.
 
-Prints a table: prefill tokens/s (prompt of --prompt tokens, batch --batch) and decode tokens/s (median step
-time over --steps steps, after a compiling warm-up). Usage: python scripts/bench_decode.py [--dtype bfloat16]
+Prints a table: prefill tokens/s (prompt of --prompt tokens, batch --batch), decode tokens/s (median
+``decode_step`` time over --steps steps, after a compiling warm-up, host round trip per token) and the decode
+rate of ``generate`` (``steps_per_call`` rounds per device call, sampling included: the time of --steps new
+tokens minus the time of one, both medians). Usage: python scripts/bench_decode.py [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -55,8 +57,21 @@ def bench(name: str, config: d.Config, args) -> dict:
         _block(logits)
         steps.append(time.perf_counter() - t0)
     t_step = statistics.median(steps)
+    del cache
+    prompts = [list(map(int, row)) for row in tokens]
+
+    def gen(n: int) -> float:
+        t0 = time.perf_counter()
+        d.generate(model, prompts, max_new_tokens=n, ignore_eos=True, max_len=max_len,
+                   steps_per_call=args.steps_per_call)
+        return time.perf_counter() - t0
+
+    gen(args.steps), gen(1)  # compile
+    t_full = statistics.median(gen(args.steps) for _ in range(args.repeats))
+    t_one = statistics.median(gen(1) for _ in range(args.repeats))
     return {"model": name, "params": n_params, "prefill": args.batch * args.prompt / t_prefill,
-                "decode": args.batch / t_step, "step_ms": 1e3 * t_step}
+            "decode": args.batch / t_step, "step_ms": 1e3 * t_step,
+            "generate": args.batch * (args.steps - 1) / max(t_full - t_one, 1e-9)}
 
 
 def main():
@@ -68,16 +83,18 @@ def main():
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--steps-per-call", type=int, default=8)
     args = ap.parse_args()
     dev = jax.devices()[0]
     print(f"# {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}, dtype {args.dtype}, batch {args.batch}, "
           f"prompt {args.prompt}")
-    print("| model | parameters | prefill tokens/s | decode tokens/s | decode step (ms) |")
-    print("|---|---|---|---|---|")
+    print(f"| model | parameters | prefill tokens/s | decode_step tokens/s | decode step (ms) | generate decode "
+          f"tokens/s ({args.steps_per_call} per call) |")
+    print("|---|---|---|---|---|---|")
     for name in args.models:
         r = bench(name, MODELS[name], args)
-        print(f"| {r['model']} | {r['params'] / 1e6:.1f} M | {r['prefill']:.1f} | {r['decode']:.2f} | {r['step_ms']:.1f} |",
-              flush=True)
+        print(f"| {r['model']} | {r['params'] / 1e6:.1f} M | {r['prefill']:.1f} | {r['decode']:.2f} | {r['step_ms']:.1f} "
+              f"| {r['generate']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

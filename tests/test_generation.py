@@ -9,7 +9,7 @@ import pytest
 import dsv4_jax as d
 from dsv4_jax.cache import init_cache
 from dsv4_jax.generation import decode_step, generate, generate_stream, prefill
-from dsv4_jax.sampling import filter_logits
+from dsv4_jax.sampling import filter_logits, sample
 
 # CSA ratio 4, HCA ratio 16, window 8: 40+ tokens cross many CSA blocks, two HCA blocks and the window wrap.
 C = d.tiny(hca_ratio=16, sliding_window=8, index_topk=5)
@@ -103,6 +103,47 @@ def test_stops_on_eos_and_stop_tokens():
     assert cut == free[: free.index(stop) + 1]
     steps = list(generate_stream(MODEL, [prompt, prompt[:4]], max_new_tokens=5, ignore_eos=True))
     assert len(steps) == 5 and all(len(s) == 2 for s in steps)
+
+
+def _one_step_at_a_time(model, prompts, n, stop_ids=(), **opts):
+    """Independent of generate's device loop: prefill, then decode_step + sample once per token on the host,
+    with the same key schedule (one split per sampled token)."""
+    params = d.SamplingParams(max_new_tokens=n, **opts)
+    tokens = np.zeros((len(prompts), max(map(len, prompts))), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = p
+    logits, cache = prefill(model, tokens, max_len=tokens.shape[1] + n, lengths=[len(p) for p in prompts],
+                            last_only=True)
+    key = jax.random.key(params.seed)
+    done = np.zeros(len(prompts), bool)
+    out = [[] for _ in prompts]
+    for step in range(n):
+        key, sub = jax.random.split(key)
+        nxt = np.asarray(sample(logits, sub, params))
+        for i in np.nonzero(~done)[0]:
+            out[i].append(int(nxt[i]))
+            done[i] = nxt[i] in stop_ids
+        if done.all() or step == n - 1:
+            return out
+        logits, cache = decode_step(model, np.where(done, 0, nxt), cache, active=~done)
+
+
+@pytest.mark.parametrize("opts", [{}, {"temperature": 0.9, "top_k": 20, "top_p": 0.9, "seed": 11}])
+def test_device_decode_loop_equals_one_step_at_a_time(opts):
+    """generate decodes several rounds per device call: the same tokens as one host step at a time, whatever
+    the rounds per call, with rows of different lengths and a stop token that ends one row mid-call."""
+    rng = np.random.default_rng(12)
+    prompts = [list(rng.integers(0, C.vocab_size, n)) for n in (7, 3)]
+    free = _one_step_at_a_time(MODEL, prompts, 11, **opts)
+    stop = free[1][4]
+    want = _one_step_at_a_time(MODEL, prompts, 11, stop_ids=(stop,), **opts)
+    assert len(want[1]) < 11
+    for spc in ((1, 8) if not opts else (3,)):
+        got = generate(MODEL, prompts, max_new_tokens=11, ignore_eos=True, stop_token_ids=(stop,),
+                       steps_per_call=spc, **opts)
+        assert got == want, spc
+    with pytest.raises(ValueError, match="steps_per_call"):
+        generate(MODEL, prompts, max_new_tokens=2, steps_per_call=0)
 
 
 def test_sampling_filters():
