@@ -85,7 +85,7 @@ def _sample(args) -> int:
     start = time.perf_counter()
     first = second = None
     n = 0
-    for step in generate_stream(model, [ids], params, tokenizer=tokenizer):
+    for step in generate_stream(model, [ids], params, tokenizer=tokenizer, steps_per_call=args.steps_per_call):
         tok = step[0]
         if tok is None:
             break
@@ -124,6 +124,8 @@ def main(argv=None) -> int:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
     s.add_argument("--ignore-eos", action="store_true")
+    s.add_argument("--steps-per-call", type=int, default=8, metavar="N",
+                   help="tokens decoded per device call (printed in bursts of N; 1: one at a time)")
     s.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     s.add_argument("--expert-parallel", type=int, default=1, metavar="N",
                    help="shard the routed experts over the first N devices (0: all; default 1: one device)")

@@ -479,7 +479,7 @@ def _parse_block(t: str, final: bool) -> _Block:
                 try:
                     json.loads(value, parse_constant=_reject_constant)
                     params[key] = value  # pasted verbatim, as the official parser does
-                except ValueError:
+                except (ValueError, RecursionError):
                     # The official parser pastes it anyway and returns invalid JSON; keep it as a string.
                     msg = (f"parameter {key!r} of tool call {name!r} is marked string=\"false\" but is not "
                            f"JSON: {value[:80]!r}; kept as a string")

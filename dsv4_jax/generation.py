@@ -110,8 +110,8 @@ def decode_step(model: Model, tokens, cache: Cache, *, active=None) -> tuple[jax
 
 @functools.partial(jax.jit, static_argnames=("size", "greedy"), donate_argnames=("cache",))
 def _decode_chunk(model: Model, cache: Cache, tok: jax.Array, key: jax.Array, done: jax.Array, stop_ids: jax.Array,
-                  count: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, size: int,
-                  greedy: bool):
+                  count: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
+                  use_top_p: jax.Array, size: int, greedy: bool):
     """Up to ``count <= size`` decoding rounds on the device, in one call: each round feeds ``tok [B]`` of the
     rows not ``done`` through the model (``decode_step``), splits ``key`` and samples the next tokens; a row
     that samples one of ``stop_ids`` is done from then on. Stops early once every row is done. Returns the
@@ -130,7 +130,7 @@ def _decode_chunk(model: Model, cache: Cache, tok: jax.Array, key: jax.Array, do
         tokens = jnp.repeat(jnp.where(active, tok, 0)[:, None], pad, axis=1)
         logits, cache = _step_fn(model, cache, tokens, active.astype(jnp.int32), True)
         key, sub = jax.random.split(key)
-        nxt = _sample(logits, sub, temperature, top_k, top_p, greedy=greedy)
+        nxt = _sample(logits, sub, temperature, top_k, top_p, use_top_p, greedy=greedy)
         out = out.at[i].set(jnp.where(active, nxt, -1))
         done = done | (active & jnp.isin(nxt, stop_ids))
         return i + 1, cache, jnp.where(active, nxt, tok), key, done, out
@@ -202,9 +202,10 @@ def generate_stream(model: Model, prompts, params: SamplingParams | None = None,
     prompt that has already stopped). Sampling options as in ``SamplingParams`` (or as keyword arguments).
 
     The first token comes right after the prompt's prefill; later ones are decoded ``steps_per_call`` at a
-    time in one device call (stop tokens are checked on the device, stop strings here, so a sequence that hits
-    a stop string may compute up to ``steps_per_call - 1`` tokens that are then dropped) and yielded in a burst.
-    ``steps_per_call=1`` yields after every step. The tokens do not depend on it."""
+    time in one device call and yielded in a burst; the next call is queued before a burst is yielded. Stop
+    tokens are checked on the device, stop strings here, so a sequence that hits a stop string may compute up
+    to ``2 * steps_per_call - 1`` more tokens, which are dropped. ``steps_per_call=1`` yields after every
+    step. The tokens do not depend on it."""
     if not isinstance(steps_per_call, int) or steps_per_call < 1:
         raise ValueError(f"steps_per_call must be a positive integer, got {steps_per_call!r}")
     params = dataclasses.replace(params or SamplingParams(), **kwargs)
@@ -232,20 +233,34 @@ def generate_stream(model: Model, prompts, params: SamplingParams | None = None,
     key, sub = jax.random.split(key)
     nxt = np.asarray(sample(logits, sub, params))
     yield record(nxt)
-    left = params.max_new_tokens - 1
-    stop_ids = jnp.asarray(sorted(stopper.stop_ids), jnp.int32)
+    # Ids the model cannot sample never match; dropping them keeps the array int32.
+    stop_ids = jnp.asarray(sorted(i for i in stopper.stop_ids if i < model.config.vocab_size), jnp.int32)
     *opts, greedy = sampling_args(params)
-    tok = jnp.asarray(np.where(done, 0, nxt).astype(np.int32))
-    while left > 0 and not done.all():
-        count = min(steps_per_call, left)
-        rounds, tok, key, _, cache = _decode_chunk(
-            model, cache, tok, key, jnp.asarray(done), stop_ids, jnp.int32(count), *opts, size=steps_per_call,
-            greedy=greedy)
+    state = (jnp.asarray(np.where(done, 0, nxt).astype(np.int32)), key, jnp.asarray(done))
+    unlaunched = params.max_new_tokens - 1
+
+    def launch():
+        # The next call is queued before the tokens of the previous one are read, so that the host's dispatch
+        # overlaps the device's work. It starts from the device's done mask and the host's as known now; a row
+        # stopped by a stop string (seen here only) may run one more call, whose tokens are dropped.
+        nonlocal cache, state, unlaunched
+        tok, key, ddone = state
+        count = min(steps_per_call, unlaunched)
+        unlaunched -= count
+        rounds, tok, key, ddone, cache = _decode_chunk(
+            model, cache, tok, key, ddone | jnp.asarray(done), stop_ids, jnp.int32(count), *opts,
+            size=steps_per_call, greedy=greedy)
+        state = (tok, key, ddone)
+        return rounds, count
+
+    pending = launch() if unlaunched > 0 and not done.all() else None
+    while pending is not None:
+        rounds, count = pending
+        pending = launch() if unlaunched > 0 and not done.all() else None
         for row in np.asarray(rounds)[:count]:
             if done.all():
                 return
             yield record(row)
-            left -= 1
 
 
 def generate(model: Model, prompts: Sequence, params: SamplingParams | None = None, *, tokenizer=None,

@@ -38,13 +38,15 @@ class SamplingParams:
             raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
 
 
-def filter_logits(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
+def filter_logits(logits: jax.Array, temperature, top_k, top_p, use_top_p=None) -> jax.Array:
     """Temperature-scaled logits ``[B, V]`` with everything outside the top-k / top-p set at ``-inf``.
     The most likely token always survives. The options may be Python numbers or traced scalars (so one
     compiled program serves every setting); ``top_k`` 0 (or >= V) and ``top_p`` >= 1 disable the filters.
-    Top-p is applied to the distribution that top-k leaves."""
+    Top-p is applied to the distribution that top-k leaves. ``use_top_p`` (default ``top_p < 1`` in the
+    precision of the given value) switches the nucleus filter, whose threshold is ``top_p`` in fp32."""
     x = logits.astype(jnp.float32) / temperature
     v = x.shape[-1]
+    use_p = jnp.asarray(top_p < 1.0 if use_top_p is None else use_top_p, jnp.bool_)
     top_k = jnp.asarray(top_k, jnp.int32)
     top_p = jnp.asarray(top_p, jnp.float32)
     use_k = (top_k > 0) & (top_k < v)
@@ -57,24 +59,27 @@ def filter_logits(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
         sorted_x = jnp.where(use_k & (sorted_x < kth), -jnp.inf, sorted_x)
         probs = jax.nn.softmax(sorted_x, axis=-1)
         before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
-        keep_sorted = (before < top_p) | (top_p >= 1.0)
+        keep_sorted = (before < top_p) | ~use_p
         keep = jnp.zeros_like(keep_sorted).at[jnp.arange(x.shape[0])[:, None], order].set(keep_sorted)
         return jnp.where(keep, x, -jnp.inf)
 
-    return jax.lax.cond(use_k | (top_p < 1.0), filtered, lambda x: x, x)
+    return jax.lax.cond(use_k | use_p, filtered, lambda x: x, x)
 
 
 @functools.partial(jax.jit, static_argnames=("greedy",))
-def _sample(logits: jax.Array, key: jax.Array, temperature, top_k, top_p, greedy: bool) -> jax.Array:
+def _sample(logits: jax.Array, key: jax.Array, temperature, top_k, top_p, use_top_p, greedy: bool) -> jax.Array:
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p), axis=-1).astype(jnp.int32)
+    x = filter_logits(logits, temperature, top_k, top_p, use_top_p)
+    return jax.random.categorical(key, x, axis=-1).astype(jnp.int32)
 
 
 def sampling_args(params: SamplingParams) -> tuple:
-    """``(temperature, top_k, top_p)`` as device scalars and the static ``greedy`` flag of ``_sample``."""
-    return (jnp.float32(params.temperature), jnp.int32(params.top_k), jnp.float32(params.top_p),
-            params.temperature == 0)
+    """``(temperature, top_k, top_p, use_top_p)`` as device scalars (``top_k`` capped: any value >= the
+    vocabulary disables it; ``use_top_p`` decided in double precision, as ``top_p < 1``) and the static
+    ``greedy`` flag of ``_sample``."""
+    return (jnp.float32(params.temperature), jnp.int32(min(params.top_k, 2**31 - 1)), jnp.float32(params.top_p),
+            jnp.bool_(params.top_p < 1.0), params.temperature == 0)
 
 
 def sample(logits: jax.Array, key: jax.Array, params: SamplingParams) -> jax.Array:

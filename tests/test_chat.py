@@ -628,3 +628,15 @@ def test_parser_on_random_tag_soup(thinking):
             if ends and text.find(THINK_END) == min(ends):
                 plain = plain.replace(THINK_END, "", 1)
         assert parsed["reasoning_content"] + parsed["content"] == plain.replace(EOS, "", 1)
+
+
+def test_parser_survives_deeply_nested_json():
+    """A string="false" value nested deeper than Python's recursion limit is kept as a string, with an error,
+    not raised."""
+    deep = "[" * 100_000 + "]" * 100_000
+    text = ("\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f\">\n"
+            f'<｜DSML｜parameter name="v" string="false">{deep}</｜DSML｜parameter>\n'
+            "</｜DSML｜invoke>\n</｜DSML｜tool_calls><｜end▁of▁sentence｜>")
+    m = parse_completion(text, thinking="none")
+    assert m["tool_calls"][0]["function"]["arguments"] == json.dumps({"v": deep})
+    assert any("not JSON" in e for e in m.get("errors", []))

@@ -9,7 +9,7 @@ import pytest
 import dsv4_jax as d
 from dsv4_jax.cache import init_cache
 from dsv4_jax.generation import decode_step, generate, generate_stream, prefill
-from dsv4_jax.sampling import filter_logits, sample
+from dsv4_jax.sampling import filter_logits, sample, sampling_args
 
 # CSA ratio 4, HCA ratio 16, window 8: 40+ tokens cross many CSA blocks, two HCA blocks and the window wrap.
 C = d.tiny(hca_ratio=16, sliding_window=8, index_topk=5)
@@ -139,7 +139,8 @@ def test_device_decode_loop_equals_one_step_at_a_time(opts):
     want = _one_step_at_a_time(MODEL, prompts, 11, stop_ids=(stop,), **opts)
     assert len(want[1]) < 11
     for spc in ((1, 8) if not opts else (3,)):
-        got = generate(MODEL, prompts, max_new_tokens=11, ignore_eos=True, stop_token_ids=(stop,),
+        # An id beyond the vocabulary (and int32) never matches.
+        got = generate(MODEL, prompts, max_new_tokens=11, ignore_eos=True, stop_token_ids=(stop, 2**40),
                        steps_per_call=spc, **opts)
         assert got == want, spc
     with pytest.raises(ValueError, match="steps_per_call"):
@@ -156,6 +157,15 @@ def test_sampling_filters():
         kept = np.isfinite(p[r])
         assert probs[r][kept].sum() >= 0.5 and probs[r][kept].min() >= probs[r][~kept].max()
         assert probs[r][kept].sum() - probs[r][kept].min() < 0.5  # minimal set
+    # top_k and top_p combined: top-p acts on what top-k leaves; top_k >= V and top_p just below 1 (1 in fp32)
+    # behave as the options say, not as their int32 / fp32 images would.
+    both = np.asarray(filter_logits(logits, 1.0, 5, 0.5))
+    assert (np.isfinite(both) <= np.isfinite(k)).all() and (np.isfinite(both).sum(-1) >= 1).all()
+    peaked = jnp.asarray([[0.0, -30.0, -30.0]], jnp.float32)
+    assert np.isfinite(np.asarray(filter_logits(peaked, 1.0, 0, 1 - 1e-10))).tolist() == [[True, False, False]]
+    assert np.isfinite(np.asarray(filter_logits(peaked, 1.0, 0, 1.0))).all()
+    params = d.SamplingParams(temperature=1.0, top_k=2**40)
+    assert np.isfinite(np.asarray(filter_logits(logits, 1.0, *sampling_args(params)[1:4]))).all()
     # Sampling with a seed is reproducible and only draws allowed tokens.
     a = generate(MODEL, [[5, 6, 7]], max_new_tokens=6, temperature=1.0, top_k=3, seed=7, ignore_eos=True)
     b = generate(MODEL, [[5, 6, 7]], max_new_tokens=6, temperature=1.0, top_k=3, seed=7, ignore_eos=True)
