@@ -58,6 +58,8 @@ def _sample(args) -> int:
                             top_p=args.top_p, seed=args.seed, stop_strings=tuple(args.stop or ()),
                             ignore_eos=args.ignore_eos)
     params.validate()
+    if args.steps_per_call < 1:
+        raise ValueError(f"--steps-per-call must be at least 1, got {args.steps_per_call}")
     if args.checkpoint is None:
         path, tiny = ensure_tiny_checkpoint(), True
     else:
@@ -83,23 +85,22 @@ def _sample(args) -> int:
         print(f"[{len(ids)} prompt tokens] {text!r}", file=sys.stderr)
     detok = Detokenizer(tokenizer, skip_special_tokens=True)
     start = time.perf_counter()
-    first = second = None
-    n = 0
+    arrived = []  # arrival time of each token
     for step in generate_stream(model, [ids], params, tokenizer=tokenizer, steps_per_call=args.steps_per_call):
         tok = step[0]
         if tok is None:
             break
-        if first is None:
-            first = time.perf_counter()
-        elif second is None:  # the first decode step includes its compilation
-            second = time.perf_counter()
-        n += 1
+        arrived.append(time.perf_counter())
         sys.stdout.write(detok.push(tok))
         sys.stdout.flush()
     sys.stdout.write(detok.flush() + "\n")
     end = time.perf_counter()
-    rate = (n - 2) / (end - second) if n > 2 and end > second else float("nan")
-    ttft = (first - start) if first is not None else float("nan")
+    n = len(arrived)
+    # Token 0 comes from the prefill; tokens 1..steps_per_call from the first decoding call, which includes its
+    # compilation: the rate counts the tokens after that call over the time since it returned.
+    k = args.steps_per_call
+    rate = (n - 1 - k) / (end - arrived[k]) if n > 1 + k and end > arrived[k] else float("nan")
+    ttft = (arrived[0] - start) if arrived else float("nan")
     print(f"[prompt {len(ids)} tokens, generated {n} tokens, time to first token {ttft:.2f} s (with compilation), "
           f"decode {rate:.1f} tokens/s]", file=sys.stderr)
     return 0

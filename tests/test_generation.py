@@ -217,3 +217,11 @@ def test_cli_samples_and_refuses_bad_requests(tmp_path, capsys, monkeypatch):
     assert "does not exist" in capsys.readouterr().err
     assert main(["sample", "--checkpoint", str(ckpt), "--top-p", "0"]) == 2
     assert "top_p" in capsys.readouterr().err
+    assert main(["sample", "--checkpoint", str(ckpt), "--steps-per-call", "0"]) == 2
+    assert "--steps-per-call" in capsys.readouterr().err
+    # Past the first decoding call the summary has a decode rate (tokens after that call, whose time includes
+    # its compilation).
+    assert main(["sample", "--checkpoint", str(ckpt), "--max-new-tokens", "6", "--quiet", "--ignore-eos",
+                 "--steps-per-call", "2"]) == 0
+    summary = capsys.readouterr().err
+    assert "generated 6 tokens" in summary and "decode nan" not in summary
