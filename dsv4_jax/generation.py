@@ -85,6 +85,14 @@ def prefill(model: Model, tokens, *, max_len: int, lengths=None, chunk: int = 51
 DECODE_PAD = 16
 
 
+def _decode_width(model: Model) -> int:
+    """Tokens a decode step feeds the model per sequence (one real, the rest ignored). The exactness mode
+    (float32) runs a decode step as a chunk of ``DECODE_PAD``: XLA:CPU compiles single-token programs with other
+    vectorisation, hence other last bits, and the FP8/FP4 simulations would turn those into visible
+    differences from the same token inside a prompt."""
+    return DECODE_PAD if model.dtype == "float32" else 1
+
+
 def decode_step(model: Model, tokens, cache: Cache, *, active=None) -> tuple[jax.Array, Cache]:
     """Append one token per sequence: ``tokens [B]`` (or ``[B, 1]``) -> logits ``[B, V]`` (or ``[B, 1, V]``)
     and the advanced cache. Rows where ``active`` (bool ``[B]``) is False do not advance. ``cache`` is
@@ -99,11 +107,7 @@ def decode_step(model: Model, tokens, cache: Cache, *, active=None) -> tuple[jax
     pos = np.asarray(cache.pos)
     if (pos + n).max() > cache.max_len:
         raise ValueError(f"the cache is full: position {int(pos.max())} + 1 exceeds max_len = {cache.max_len}")
-    if model.dtype == "float32":
-        # The exactness mode runs a decode step as a chunk of 16 (the extra tokens are ignored): XLA:CPU
-        # compiles single-token programs with other vectorisation, hence other last bits, and the FP8/FP4
-        # simulations would turn those into visible differences from the same token inside a prompt.
-        a = np.repeat(a, DECODE_PAD, axis=1)
+    a = np.repeat(a, _decode_width(model), axis=1)
     logits, cache = _step(model, cache, jnp.asarray(a), jnp.asarray(n), True)
     return (logits if squeeze else logits[:, None]), cache
 
@@ -118,7 +122,7 @@ def _decode_chunk(model: Model, cache: Cache, tok: jax.Array, key: jax.Array, do
     tokens ``[size, B]`` (-1 where a row was done or the round did not run), the last tokens, the key, the
     done mask and the cache. The same rounds as ``decode_step`` + ``sample`` one at a time, so the same tokens;
     one dispatch of the parameter tree per ``size`` tokens instead of per token."""
-    pad = DECODE_PAD if model.dtype == "float32" else 1
+    pad = _decode_width(model)
 
     def cond(c):
         i, _, _, _, done, _ = c

@@ -220,6 +220,11 @@ def _row_product(w: jax.Array, row: jax.Array, fma: bool) -> jax.Array:
     return _dot_nt(w, row)
 
 
+def _row_zero(bn: int, bm: int, fma: bool) -> jax.Array:
+    """The zero accumulator of :func:`_row_product`: ``[bn]`` (``fma``) or ``[bn, bm]``."""
+    return jnp.zeros((bn,) if fma else (bn, bm), jnp.float32)
+
+
 def _row_result(acc: jax.Array) -> jax.Array:
     """The ``[bn]`` result of accumulated :func:`_row_product`: columns 1.. of a tensor-core accumulator are
     exact zeros (zero activation rows), so the row sum is column 0."""
@@ -259,7 +264,7 @@ def _pair_w13_kernel(e_ref, x_ref, q1_ref, s1_ref, q3_ref, s3_ref, a1_ref, a3_re
 
     @pl.when(e >= 0)
     def _():
-        zero = jnp.zeros((bn,) if cfg.fma else (bn, bm), jnp.float32)
+        zero = _row_zero(bn, bm, cfg.fma)
         a1, a3 = jax.lax.fori_loop(0, steps, body, (zero, zero))
         plt.store(a1_ref.at[sk, pair, pl.ds(pn * bn, bn)], _row_result(a1), mask=cols < n_i)
         plt.store(a3_ref.at[sk, pair, pl.ds(pn * bn, bn)], _row_result(a3), mask=cols < n_i)
@@ -312,7 +317,7 @@ def _pair_w2_kernel(e_ref, rw_ref, a1_ref, a3_ref, g1_ref, g3_ref, q_ref, s_ref,
 
     @pl.when(e_raw >= 0)
     def _():
-        acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bn,) if cfg.fma else (bn, bm), jnp.float32))
+        acc = jax.lax.fori_loop(0, steps, body, _row_zero(bn, bm, cfg.fma))
         plt.store(y_ref.at[sk, pair, pl.ds(pn * bn, bn)],
                   _row_result(acc) * (g2_ref[e] * UNDO_DECODE_SCALE), mask=cols < n_d)
 
