@@ -44,13 +44,18 @@ ENABLED = True
 """Set to False (then ``jax.clear_caches()``) to run the pure-JAX references on a GPU too, e.g. to compare."""
 
 
+INTERPRET = False
+"""Set to True (then ``jax.clear_caches()``) to run the kernels on any backend, the whole model included, in
+Pallas' interpreter (slow; for tests of the model with its kernels on a CPU)."""
+
+
 def on_gpu() -> bool:
     """Whether the default backend runs the Pallas-Triton kernels natively."""
     return jax.default_backend() == "gpu"
 
 
 def _use_kernel(dtype, interpret: bool) -> bool:
-    return (interpret or (ENABLED and on_gpu())) and jnp.dtype(dtype) == jnp.bfloat16
+    return (interpret or INTERPRET or (ENABLED and on_gpu())) and jnp.dtype(dtype) == jnp.bfloat16
 
 
 def attention_kernels(dtype) -> bool:
@@ -115,6 +120,7 @@ def linear(x: jax.Array, w: Weight | Nvfp4Packed, dtype, out_dtype=None, *, inte
            w4a4: bool = False) -> jax.Array:
     """``x [..., in] @ W^T`` -> ``[..., out]`` in ``out_dtype`` (default ``dtype``), fp32 accumulation; the
     NVFP4 global scale (and with ``w4a4`` the activation scale) is applied to the fp32 accumulator."""
+    interpret = interpret or INTERPRET
     out_dtype = jnp.dtype(dtype if out_dtype is None else out_dtype)
     nvfp4 = isinstance(w, (quant.Nvfp4, Nvfp4Packed))
     if w4a4 and not nvfp4:
@@ -137,6 +143,7 @@ def routed_experts(e: Experts, x: jax.Array, ids: jax.Array, w: jax.Array, confi
                    interpret: bool = False) -> jax.Array:
     """``moe.routed_experts``: sum over the selected experts of ``w * expert(x)``, fp32 ``[N, D]``.
     ``x [N, D]``, ``ids, w [N, k]``."""
+    interpret = interpret or INTERPRET
     nvfp4 = all(isinstance(a, (quant.Nvfp4, Nvfp4Packed)) for a in (e.w1, e.w2, e.w3))
     if nvfp4 and _use_kernel(dtype, interpret):
         return nvfp4_moe(x, ids, w, _as_packed(e.w1), _as_packed(e.w2), _as_packed(e.w3),
@@ -151,6 +158,7 @@ def index_select(q: jax.Array, w: jax.Array, keys: jax.Array, pos0: jax.Array, r
     top_k)`` as ascending indices padded with -1: int32 ``[B, T, top_k]``. ``q [B, T, H_I, d_I]``,
     ``w [B, T, H_I]`` fp32, ``keys [B, R, d_I]``; prefill is scored and selected ``query_block`` tokens at a
     time."""
+    interpret = interpret or INTERPRET
     if _use_kernel(dtype, interpret):
         return indexer_topk.index_select(q, w, keys, pos0, ratio=ratio, top_k=top_k, query_block=query_block,
                                          interpret=interpret)
@@ -167,6 +175,7 @@ def window_attention(q: jax.Array, kv: jax.Array, ring: jax.Array, pos0: jax.Arr
     (``c < (i + 1) // ratio``, and one of the CSA selection ``sel_idx [B, T, k]`` where given, as
     :func:`index_select` returns it): ``q [B, T, H, d]`` -> ``[B, T, H, d]``. The kernel gathers each token's
     selected rows (prefill and decode alike)."""
+    interpret = interpret or INTERPRET
     if not _use_kernel(dtype, interpret):
         sel = None if sel_idx is None else indexer_topk.indices_to_mask(sel_idx, rows.shape[1])
         return cattn.compressed_attention_reference(q, kv, ring, pos0, sink, rows, ratio=max(ratio, 1), sel=sel,

@@ -181,25 +181,39 @@ def sweep(key, mm: float, bw: float):
             continue
         ms = k or wall
         print(f"| {bt} | {nk} | {nw} | {ms:.2f} | {fl / ms / 1e9:.0f} |", flush=True)
-    ctx = 1 << 20
-    print(f"\nDecode attention at {ctx} cached tokens, batch 1 (kernel only, µs):\n\n"
-          "| layer | bm | warps | splits | kernel µs | x floor |\n|---|---|---|---|---|---|", flush=True)
-    pos0 = jnp.full((1,), ctx - 1, jnp.int32)
-    for kind in ("CSA", "HCA"):
-        q, kv, ring, rows, sink, *_ = inputs(key, 1, 1, ctx // 128 if kind == "HCA" else ctx // 4, 1)
-        idx = spread_selection(1, 1, ctx - 1) if kind == "CSA" else None
-        floor = (decode_cost(kind, 1, ctx) - (ctx // 4 * DI * 2 if kind == "CSA" else 0)) / (bw * 1e12)
-        for bm, nw, splits in [(64, 8, 8), (64, 8, 16), (64, 8, 32), (32, 4, 8), (32, 4, 32), (64, 4, 16)]:
-            if kind == "CSA" and splits > 8:
-                continue
-            cfg = CA.AttnConfig(bm=bm, bk=64, splits=splits, num_warps=nw)
-            f = jax.jit(lambda *a, cfg=cfg, idx=idx, kind=kind: CA.compressed_attention(
-                *a, ratio=RATIO[kind], idx=idx, config=cfg))
-            args = copies((q, kv, ring, pos0, sink, rows))
-            k, wall = measure(f, args, 20)
-            us = (k or wall) * 1e3
-            print(f"| {kind} | {bm} | {nw} | {splits} | {us:.1f} | {us * 1e-6 / floor:.1f} |", flush=True)
-            del args
+    sweep_decode(key, bw, 1, [1 << 20])
+
+
+def sweep_decode(key, bw: float, b: int, contexts: list[int]):
+    """Tile choices of the decode attention kernel alone (CSA with a spread selection, HCA over all rows)."""
+    for ctx in contexts:
+        print(f"\nDecode attention at {ctx} cached tokens, batch {b} (kernel only, µs; default = the kernel's own "
+              "choice):\n\n| layer | bm | warps | splits | kernel µs | x floor |\n|---|---|---|---|---|---|", flush=True)
+        pos0 = jnp.full((b,), ctx - 1, jnp.int32)
+        for kind in ("CSA", "HCA"):
+            n_rows = ctx // 128 if kind == "HCA" else ctx // 4
+            q, kv, ring, rows, sink, *_ = inputs(key, b, 1, n_rows, 1)
+            idx = spread_selection(b, 1, ctx - 1) if kind == "CSA" else None
+            floor = (decode_cost(kind, b, ctx) - (b * (ctx // 4) * DI * 2 if kind == "CSA" else 0)) / (bw * 1e12)
+            dflt = CA.default_config(1, H, n_rows, b, TOPK if kind == "CSA" else 0)
+            choices = [(dflt.bm, dflt.num_warps, dflt.splits)]
+            choices += [c for c in [(64, 8, 1), (64, 8, 2), (64, 8, 4), (64, 8, 8), (64, 8, 16), (64, 8, 32),
+                                    (32, 4, 2), (32, 4, 4), (32, 4, 8), (32, 4, 32), (64, 4, 16)]
+                        if c not in choices and not (kind == "CSA" and c[2] > 8)]
+            for i, (bm, nw, splits) in enumerate(choices):
+                cfg = CA.AttnConfig(bm=bm, bk=64, splits=splits, num_warps=nw)
+                f = jax.jit(lambda *a, cfg=cfg, idx=idx, kind=kind: CA.compressed_attention(
+                    *a, ratio=RATIO[kind], idx=idx, config=cfg))
+                args = copies((q, kv, ring, pos0, sink, rows))
+                try:
+                    k, wall = measure(f, args, 20)
+                except Exception as e:  # noqa: BLE001
+                    print(f"| {kind} | {bm} | {nw} | {splits} | {type(e).__name__} |", flush=True)
+                    continue
+                us = (k or wall) * 1e3
+                tag = " (default)" if i == 0 else ""
+                print(f"| {kind} | {bm} | {nw} | {splits}{tag} | {us:.1f} | {us * 1e-6 / floor:.1f} |", flush=True)
+                del args
 
 
 def main():
@@ -209,11 +223,16 @@ def main():
     ap.add_argument("--prefill", default="8192,32768,131072")
     ap.add_argument("--reference-max", type=int, default=8192, help="longest prefill run through the reference")
     ap.add_argument("--sweep", action="store_true", help="time a few tile choices first")
+    ap.add_argument("--sweep-decode", type=int, default=0, metavar="B",
+                    help="only time the decode kernel's tile choices at batch B (at the --decode contexts over 64K)")
     args = ap.parse_args()
     bw, mm = ceilings()
     print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}; measured ceilings: HBM read {bw:.2f} TB/s, "
           f"bf16 matmul {mm:.0f} TFLOP/s; CUPTI {'on' if extension() else 'off (wall times)'}", flush=True)
     key = jax.random.PRNGKey(0)
+    if args.sweep_decode:
+        sweep_decode(key, bw, args.sweep_decode, [int(c) for c in args.decode.split(",") if int(c) > 65536])
+        return
     if args.sweep:
         sweep(key, mm, bw)
     batches = [int(c) for c in args.batch.split(",") if c]

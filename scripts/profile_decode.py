@@ -31,9 +31,11 @@ from cupti_timing import kernels_of_call
 
 import dsv4_jax as d
 from dsv4_jax import kernels
-from dsv4_jax.generation import decode_step, prefill
+from dsv4_jax.generation import _decode_chunk, decode_step, prefill
 from dsv4_jax.model import _embed, _head, block
+from dsv4_jax.sampling import SamplingParams, sampling_args
 
+LOOP = 8  # decoding rounds per call of the generate-loop measurement
 LAYER_KINDS = {0: "SWA", 4: "CSA", 128: "HCA"}
 FLASH_COUNTS = {"SWA": 2, "CSA": 21, "HCA": 20}
 
@@ -92,23 +94,29 @@ def main():
     ap.add_argument("--bandwidth", type=float, default=4.3, help="TB/s for the byte floor (measured copy rate)")
     ap.add_argument("--vocab", type=int, default=None, help="override the vocabulary (default Flash's)")
     ap.add_argument("--dump", default=None, help="folder for the step's optimised HLO and its kernel list")
+    ap.add_argument("--expert-parallel", type=int, default=1, metavar="N",
+                    help="shard the routed experts over the first N devices (kernel times then sum all devices)")
     ap.add_argument("--smoke", action="store_true", help="tiny dimensions (a quick check of the script on CPU)")
     args = ap.parse_args()
     config = flash_layers(vocab=args.vocab, smoke=args.smoke)
     b, ctx = args.batch, args.context
     print(f"# {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}, Flash dimensions, "
-          f"layers SWA/CSA/HCA, batch {b}, context {ctx}, kernels {'on' if kernels.attention_kernels('bfloat16') else 'off'}",
+          f"layers SWA/CSA/HCA, batch {b}, context {ctx}, expert-parallel {args.expert_parallel}, kernels {'on' if kernels.attention_kernels('bfloat16') else 'off'}",
           flush=True)
     t0 = time.perf_counter()
     model = d.random_model(config, seed=0)
     model = dataclasses.replace(model, params=kernels.prepare_weights(model.params))
+    if args.expert_parallel > 1:
+        from jax.sharding import Mesh
+
+        model = model.on_mesh(Mesh(np.array(jax.devices()[:args.expert_parallel]), ("expert",)))
     jax.block_until_ready(model.params)
     print(f"built {d.count_params(model.params) / 1e9:.2f} B parameters in {time.perf_counter() - t0:.0f} s", flush=True)
 
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, config.vocab_size, (b, ctx))
     t0 = time.perf_counter()
-    logits, cache = prefill(model, tokens, max_len=ctx + 64, chunk=2048, last_only=True)
+    logits, cache = prefill(model, tokens, max_len=ctx + 128, chunk=2048, last_only=True)
     jax.block_until_ready(logits)
     print(f"prefill {b}x{ctx} tokens: {time.perf_counter() - t0:.1f} s (compile included)", flush=True)
 
@@ -121,6 +129,19 @@ def main():
         return lg
 
     whole = measure(step, args.iters)
+
+    # The same step inside generate's device loop (greedy, LOOP rounds per call): the parameter tree is
+    # dispatched once per call, so the wall time per token here is what `generate` gets.
+    *opts, greedy = sampling_args(SamplingParams(temperature=0.0))
+    no_stop = jnp.full((1,), -1, jnp.int32)
+
+    def loop():
+        out, _, _, _, state["cache"] = _decode_chunk(
+            model, state["cache"], jnp.asarray(state["tok"], jnp.int32), jax.random.key(0), jnp.zeros((b,), bool),
+            no_stop, jnp.int32(LOOP), *opts, size=LOOP, greedy=greedy)
+        return out
+
+    looped = measure(loop, max(2, args.iters // LOOP))
     cache = state["cache"]
     if args.dump:
         import os
@@ -163,12 +184,19 @@ def main():
               f"{r['bytes'] / 1e6:.1f} | {floor(r['bytes']):.1f} | {1e3 * r['kernel_ms'] / floor(r['bytes']):.1f} |")
     print(f"| whole step (3 blocks) | {1e3 * whole['wall_ms']:.0f} | {1e3 * whole['kernel_ms']:.0f} | "
           f"{whole['n_kernels']} | | | |")
+    print(f"| whole step in generate's loop, per token ({LOOP} per call) | {1e3 * looped['wall_ms'] / LOOP:.0f} | "
+          f"{1e3 * looped['kernel_ms'] / LOOP:.0f} | {looped['n_kernels'] / LOOP:.0f} | | | |")
     by = {r["kind"]: r for r in rows}
     est = {k: hr[k] + sum(FLASH_COUNTS[t] * by[t][k] for t in FLASH_COUNTS) for k in ("wall_ms", "kernel_ms",
                                                                                         "bytes")}
     print(f"\nEstimate for the 43-layer Flash step (2 SWA + 21 CSA + 20 HCA + embed/head, sum of the parts above): "
           f"wall {est['wall_ms']:.1f} ms ({b / est['wall_ms'] * 1e3:.1f} tokens/s), kernels {est['kernel_ms']:.1f} ms, "
           f"bytes {est['bytes'] / 1e9:.2f} GB, floor {floor(est['bytes']) / 1e3:.2f} ms")
+    # In the loop, a block costs its kernels plus the gaps between them; scale the 43-layer kernel estimate by
+    # the loop's wall/kernel ratio of this 3-block step (an extrapolation, labelled so).
+    ratio = looped["wall_ms"] / looped["kernel_ms"] if looped["kernel_ms"] > 0 else float("nan")
+    print(f"In generate's loop this 3-block step runs at {ratio:.2f}x its kernel time; the 43-layer step at the same "
+          f"ratio: {est['kernel_ms'] * ratio:.1f} ms ({b / (est['kernel_ms'] * ratio) * 1e3:.1f} tokens/s)")
     if whole["kernels"]:
         tot = collections.defaultdict(lambda: [0, 0.0])
         for name, ms in whole["kernels"]:

@@ -62,3 +62,23 @@ def test_decode_after_prefill_with_kernels(setup):
     errs = np.concatenate(errs)
     print(f"decode vs forward (kernels): median {np.median(errs):.2e}, max {errs.max():.2e}")
     assert np.median(errs) < 0.02
+
+
+def test_greedy_generate_with_kernels_follows_forward(setup):
+    """``generate`` on the GPU (its device-side decoding loop around the kernels; two prompts of different
+    lengths, so a ragged prefill): each greedy token, checked teacher-forced against ``forward`` over the prompt
+    and the tokens before it, is ``forward``'s argmax or within bf16 tolerance of it (2% of the logit scale),
+    allowing one position per prompt for a routing flip between the decode and the prefill kernels
+    (ARCHITECTURE.md §11.2; the H200 run of 2026-11-30 had one: 0.23 of the scale, the other 47 tokens exact)."""
+    model, tokens = setup
+    prompts = [tokens[0, :300].tolist(), tokens[1, :173].tolist()]
+    n_new = 24
+    out = d.generate(model, prompts, max_new_tokens=n_new, temperature=0.0, ignore_eos=True, steps_per_call=8)
+    gaps = []
+    for prompt, new in zip(prompts, out):
+        assert len(new) == n_new
+        logits = np.asarray(d.forward(model, np.array([prompt + new])))[0, len(prompt) - 1:-1]
+        gaps.append((logits.max(-1) - logits[np.arange(n_new), new]) / np.abs(logits).max())
+    gaps = np.stack(gaps)
+    print("generate vs forward, gap / logit scale per token:\n", np.array2string(gaps, precision=3))
+    assert np.median(gaps) < 1e-3 and ((gaps > 0.02).sum(-1) <= 1).all()
