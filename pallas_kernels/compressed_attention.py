@@ -268,8 +268,15 @@ def compressed_attention(q: jax.Array, kv: jax.Array, ring: jax.Array, pos0: jax
     ``q [B, T, H, d]``, ``kv [B, T, d]``, ``ring [B, W, d]``, ``pos0 [B]`` int, ``sink [H]`` fp32, optional
     ``rows [B, R, d]`` (visible: ``c < min((pos + 1) // ratio, count[b])``), optional selection
     ``idx [B, T, k]`` int (ascending row indices padded with -1, ``indexer_topk.index_select``; the
-    reference's ``sel`` is ``indexer_topk.indices_to_mask(idx, R)``) -> ``o [B, T, H, d]`` bf16."""
+    reference's ``sel`` is ``indexer_topk.indices_to_mask(idx, R)``) -> ``o [B, T, H, d]`` bf16. Any ``H``:
+    with the default tiles a head count that is not a power of two is padded to one."""
     b, t, h, _ = q.shape
+    hp = pl.next_power_of_2(h)
+    if hp != h and config is None:  # tiles pack whole heads: pad the heads to a power of two, drop them after
+        q = jnp.pad(q, ((0, 0), (0, 0), (0, hp - h), (0, 0)))
+        sink = jnp.pad(sink, (0, hp - h))
+        return compressed_attention(q, kv, ring, pos0, sink, rows, ratio=ratio, count=count, idx=idx,
+                                    interpret=interpret)[:, :, :h]
     r = 0 if rows is None else rows.shape[1]
     cfg = config or default_config(t, h, r, b, 0 if idx is None else idx.shape[2])
     return _call(q, kv, ring, pos0, sink, rows, count, idx, ratio=ratio, cfg=cfg, interpret=interpret)

@@ -98,6 +98,18 @@ def test_decode_split_keys_interpret(splits):
     _check_attention(o, q, kv, ring, pos0, sink, rows, ratio=4)
 
 
+@pytest.mark.parametrize("h,t,k", [(3, 9, 0), (6, 1, 0), (12, 7, 6), (3, 1, 6)])
+def test_head_counts_not_a_power_of_two_interpret(h, t, k):
+    """Default tiles with 3, 6 or 12 heads (padded to a power of two inside): dense rows and a selection,
+    prefill and decode."""
+    r = rng(h + t)
+    q, kv, ring, rows, sink = _attn_inputs(r, 2, t, h, 128, 8, 30)
+    pos0 = jnp.asarray([100, 4])
+    idx, sel = _selection(r, 2, t, 30, k) if k else (None, None)
+    o = CA.compressed_attention(q, kv, ring, pos0, sink, rows, ratio=4, idx=idx, interpret=True)
+    _check_attention(o, q, kv, ring, pos0, sink, rows, ratio=4, sel=sel)
+
+
 def test_dispatch_decode_selected_rows_interpret():
     """kernels.window_attention at T = 1 with the indexer's selection (default tiles) equals the reference's
     mask; kernels.index_select's reference path gives the same indices as the kernel."""
