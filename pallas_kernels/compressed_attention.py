@@ -108,7 +108,8 @@ def _dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _kernel(pos0_ref, cnt_ref, sink_ref, q_ref, kv_ref, ring_ref, rows_ref, idx_ref, *out_refs, h: int, t: int,
-            w: int, r: int, k: int, ratio: int, cfg: AttnConfig, mode: str, has_count: bool, partial: bool):
+            w: int, r: int, k: int, ratio: int, cfg: AttnConfig, mode: str, has_count: bool, partial: bool,
+            scale: float):
     bm, bk = cfg.bm, cfg.bk
     b, i, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     hb = min(bm, h)  # heads of one token inside the block
@@ -120,8 +121,6 @@ def _kernel(pos0_ref, cnt_ref, sink_ref, q_ref, kv_ref, ring_ref, rows_ref, idx_
     t_max = jnp.minimum(t_min + bt - 1, t - 1)
     pos0 = pos0_ref[b]
     pos = pos0 + tok  # [bm]
-    d = q_ref.shape[-1]
-    scale = d**-0.5
     cnt = cnt_ref[b] if has_count else r
 
     q = plt.load(q_ref.at[b, pl.ds(i * bm, bm), :], mask=row_ok[:, None], other=0.0)
@@ -199,7 +198,8 @@ def _kernel(pos0_ref, cnt_ref, sink_ref, q_ref, kv_ref, ring_ref, rows_ref, idx_
                          other=-1)
             ok = (c >= 0) & (c < lim_k)
             cc = jnp.minimum(jnp.maximum(c, 0), r - 1)  # -1 padding: any row, its scores masked
-            rows = plt.load(rows_ref.at[b, cc[:, None], jax.lax.broadcasted_iota(jnp.int32, (1, d), 1)])
+            cols = jax.lax.broadcasted_iota(jnp.int32, (1, rows_ref.shape[-1]), 1)
+            rows = plt.load(rows_ref.at[b, cc[:, None], cols])
             vis = ok[None, :] & row_ok[:, None]
             if bt > 1:  # several tokens per block: a query sees only its own token's rows
                 vis = vis & (tok[:, None] == tk[None, :])
@@ -218,8 +218,9 @@ def _kernel(pos0_ref, cnt_ref, sink_ref, q_ref, kv_ref, ring_ref, rows_ref, idx_
         plt.store(o_ref.at[b, pl.ds(i * bm, bm), :], (acc / l_[:, None]).astype(o_ref.dtype), mask=row_ok[:, None])
 
 
-@functools.partial(jax.jit, static_argnames=("ratio", "cfg", "interpret"))
-def _call(q, kv, ring, pos0, sink, rows, count, idx, *, ratio: int, cfg: AttnConfig, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("ratio", "cfg", "interpret", "scale"))
+def _call(q, kv, ring, pos0, sink, rows, count, idx, *, ratio: int, cfg: AttnConfig, interpret: bool,
+          scale: float):
     b, t, h, d = q.shape
     w = ring.shape[1]
     if cfg.bm % h and h % cfg.bm:
@@ -244,7 +245,7 @@ def _call(q, kv, ring, pos0, sink, rows, count, idx, *, ratio: int, cfg: AttnCon
     else:
         out_shape = (jax.ShapeDtypeStruct((b, t * h, d), jnp.bfloat16),)
     kernel = functools.partial(_kernel, h=h, t=t, w=w, r=r, k=idx.shape[2], ratio=ratio, cfg=cfg, mode=mode,
-                               has_count=has_count, partial=partial)
+                               has_count=has_count, partial=partial, scale=scale)
     outs = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(b, n_m, cfg.splits), interpret=interpret, name="compressed_attention",
         compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
@@ -268,15 +269,20 @@ def compressed_attention(q: jax.Array, kv: jax.Array, ring: jax.Array, pos0: jax
     ``q [B, T, H, d]``, ``kv [B, T, d]``, ``ring [B, W, d]``, ``pos0 [B]`` int, ``sink [H]`` fp32, optional
     ``rows [B, R, d]`` (visible: ``c < min((pos + 1) // ratio, count[b])``), optional selection
     ``idx [B, T, k]`` int (ascending row indices padded with -1, ``indexer_topk.index_select``; the
-    reference's ``sel`` is ``indexer_topk.indices_to_mask(idx, R)``) -> ``o [B, T, H, d]`` bf16. Any ``H``:
-    with the default tiles a head count that is not a power of two is padded to one."""
-    b, t, h, _ = q.shape
-    hp = pl.next_power_of_2(h)
-    if hp != h and config is None:  # tiles pack whole heads: pad the heads to a power of two, drop them after
+    reference's ``sel`` is ``indexer_topk.indices_to_mask(idx, R)``) -> ``o [B, T, H, d]`` bf16. Any ``H``
+    and ``d``: a head size that is not a power of two is padded with zero columns, and (default tiles) a head
+    count with heads of zeros, to the next power of two (the softmax scale stays ``d ** -0.5``)."""
+    b, t, h, d = q.shape
+    hp, dp = pl.next_power_of_2(h), pl.next_power_of_2(d)
+    if dp != d:  # Triton tiles are powers of two: zero columns change no score and give zero outputs
+        def pad(a):
+            return None if a is None else jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, dp - d)])
+
+        q, kv, ring, rows = pad(q), pad(kv), pad(ring), pad(rows)
+    if hp != h and config is None:  # tiles pack whole heads: extra heads of zeros, dropped after
         q = jnp.pad(q, ((0, 0), (0, 0), (0, hp - h), (0, 0)))
         sink = jnp.pad(sink, (0, hp - h))
-        return compressed_attention(q, kv, ring, pos0, sink, rows, ratio=ratio, count=count, idx=idx,
-                                    interpret=interpret)[:, :, :h]
     r = 0 if rows is None else rows.shape[1]
-    cfg = config or default_config(t, h, r, b, 0 if idx is None else idx.shape[2])
-    return _call(q, kv, ring, pos0, sink, rows, count, idx, ratio=ratio, cfg=cfg, interpret=interpret)
+    cfg = config or default_config(t, q.shape[2], r, b, 0 if idx is None else idx.shape[2])
+    o = _call(q, kv, ring, pos0, sink, rows, count, idx, ratio=ratio, cfg=cfg, interpret=interpret, scale=d**-0.5)
+    return o[:, :, :h, :d]

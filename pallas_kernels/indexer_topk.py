@@ -259,8 +259,13 @@ def index_select(q: jax.Array, w: jax.Array, keys: jax.Array, pos0: jax.Array, *
                  config: IndexConfig | None = None, query_block: int = 0, interpret: bool = False) -> jax.Array:
     """Kernel path of :func:`index_select_reference` for tokens at ``pos0[b] + t``, as indices: ascending
     ``[B, T, top_k]`` int32 padded with -1 (``mask_to_indices`` of the reference's mask). ``query_block > 0``
-    scores and selects that many tokens at a time (bounds the ``[T, R]`` score buffer)."""
-    b, t, _, _ = q.shape
+    scores and selects that many tokens at a time (bounds the ``[T, R]`` score buffer). A head count ``H_I``
+    that is not a power of two is padded with heads of zero weight."""
+    b, t, h, _ = q.shape
+    if h & (h - 1):  # Triton tiles are powers of two: extra heads with zero queries and weights add nothing
+        hp = pl.next_power_of_2(h)
+        q = jnp.pad(q, ((0, 0), (0, 0), (0, hp - h), (0, 0)))
+        w = jnp.pad(w, ((0, 0), (0, 0), (0, hp - h)))
     r = keys.shape[1]
     cfg = config or default_config(t, r)
     tb = t if query_block <= 0 else min(query_block, t)

@@ -98,12 +98,13 @@ def test_decode_split_keys_interpret(splits):
     _check_attention(o, q, kv, ring, pos0, sink, rows, ratio=4)
 
 
-@pytest.mark.parametrize("h,t,k", [(3, 9, 0), (6, 1, 0), (12, 7, 6), (3, 1, 6)])
-def test_head_counts_not_a_power_of_two_interpret(h, t, k):
-    """Default tiles with 3, 6 or 12 heads (padded to a power of two inside): dense rows and a selection,
-    prefill and decode."""
-    r = rng(h + t)
-    q, kv, ring, rows, sink = _attn_inputs(r, 2, t, h, 128, 8, 30)
+@pytest.mark.parametrize("h,d,t,k", [(3, 128, 9, 0), (6, 128, 1, 0), (12, 128, 7, 6), (3, 128, 1, 6),
+                                     (4, 192, 9, 6), (4, 192, 1, 0), (6, 320, 1, 6)])
+def test_head_counts_and_sizes_not_a_power_of_two_interpret(h, d, t, k):
+    """Default tiles with 3, 6 or 12 heads or a head size of 192 or 320 (padded to a power of two inside):
+    dense rows and a selection, prefill and decode."""
+    r = rng(h + t + d)
+    q, kv, ring, rows, sink = _attn_inputs(r, 2, t, h, d, 8, 30)
     pos0 = jnp.asarray([100, 4])
     idx, sel = _selection(r, 2, t, 30, k) if k else (None, None)
     o = CA.compressed_attention(q, kv, ring, pos0, sink, rows, ratio=4, idx=idx, interpret=True)
@@ -142,14 +143,17 @@ INDEX = [
 ]
 
 
-@pytest.mark.parametrize("b,t,n_rows,k,pos0,cfg", INDEX)
-def test_indexer_selects_reference_rows_interpret(b, t, n_rows, k, pos0, cfg):
+@pytest.mark.parametrize("b,t,n_rows,k,pos0,cfg,h", [(*c, 16) for c in INDEX] + [(2, 5, 60, 7, [3, 90], None, 5)])
+def test_indexer_selects_reference_rows_interpret(b, t, n_rows, k, pos0, cfg, h):
+    """The last case has 5 heads (padded to 8 inside ``index_select``)."""
     r = rng(n_rows)
-    q, w, keys = _index_inputs(r, b, t, 16, 64, n_rows)
+    q, w, keys = _index_inputs(r, b, t, h, 64, n_rows)
     pos0 = jnp.asarray(pos0)
     positions = pos0[:, None] + jnp.arange(t)
-    s = IX.index_scores_kernel(q, w, keys, pos0, ratio=4, cfg=cfg or IX.default_config(t, n_rows), interpret=True)
-    assert bool(jnp.all(s.astype(jnp.float32) == IX.index_scores_reference(q, w, keys, positions, 4)))
+    if h == 16:
+        s = IX.index_scores_kernel(q, w, keys, pos0, ratio=4, cfg=cfg or IX.default_config(t, n_rows),
+                                   interpret=True)
+        assert bool(jnp.all(s.astype(jnp.float32) == IX.index_scores_reference(q, w, keys, positions, 4)))
     idx = IX.index_select(q, w, keys, pos0, ratio=4, top_k=k, config=cfg, interpret=True)
     assert idx.shape == (b, t, k) and idx.dtype == jnp.int32
     assert bool(jnp.all(idx == IX.mask_to_indices(IX.index_select_reference(q, w, keys, positions, 4, k), k)))

@@ -1,0 +1,64 @@
+"""Every Pallas kernel the model launches lowers to Triton for a GPU, on the CPU, for structurally different
+configurations: Pallas' interpreter (the other CPU tests) accepts shapes that Triton refuses (its tiles must
+have power-of-two sizes), so without this a head size of 192 or 5 indexer heads worked on the CPU and stopped
+on the GPU. The model's prefill and decode steps are exported for CUDA with the kernels on (nothing is
+compiled or run). Needs JAX's private GPU-info hook; skipped where a JAX version lacks it."""
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax import export
+
+import dsv4_jax as d
+from dsv4_jax import kernels
+from dsv4_jax.cache import init_cache
+from dsv4_jax.generation import _step_fn
+
+CONFIGS = {
+    "tiny": {},
+    "head_dim_192": {"head_dim": 192},
+    "index_heads_5": {"index_n_heads": 5, "index_topk": 7},
+    "heads_3": {"num_attention_heads": 3, "o_groups": 1},
+    "heads_12_hidden_320": {"num_attention_heads": 12, "o_groups": 4, "hidden_size": 320, "q_lora_rank": 96,
+                            "o_lora_rank": 96, "n_routed_experts": 5, "num_experts_per_tok": 3,
+                            "moe_intermediate_size": 96},
+}
+
+
+@contextlib.contextmanager
+def _lowering_for_gpu():
+    """Kernels on, and Pallas-Triton told it targets an sm_90 GPU (no GPU needed to lower)."""
+    try:
+        from jax._src.pallas.triton import pallas_call_registration as reg
+
+        info = reg.gpu_info_lib.GpuInfo(gpu_version=None, arch_name="9.0", compute_capability=90)
+        hook = reg.gpu_info_lib.get_gpu_info
+    except (ImportError, AttributeError, TypeError) as e:
+        pytest.skip(f"this JAX has no GPU-info hook to lower Pallas-Triton without a GPU: {e}")
+    on_gpu = kernels.on_gpu
+    reg.gpu_info_lib.get_gpu_info = lambda: info
+    kernels.on_gpu = lambda: True
+    try:
+        yield
+    finally:
+        reg.gpu_info_lib.get_gpu_info = hook
+        kernels.on_gpu = on_gpu
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_model_kernels_lower_for_gpu(name):
+    config = d.tiny(vocab_size=256, **CONFIGS[name])
+    model = d.random_model(config, seed=0, kernel_layout=True)
+    cache = init_cache(config, 2, 512, jnp.bfloat16)
+    step = jax.jit(lambda m, c, t, n: _step_fn(m, c, t, n, False))
+    allow = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    with _lowering_for_gpu():
+        for t in (300, 1):  # a prefill chunk, a decode step
+            exp = export.export(step, platforms=["cuda"], disabled_checks=allow)(
+                model, cache, jnp.ones((2, t), jnp.int32), jnp.full((2,), t, jnp.int32))
+            text = exp.mlir_module()
+            # (larger FP8 products go through exact dequantisation + XLA's dot instead)
+            for kernel in ("compressed_attention", "nvfp4_moe", "indexer_scores" if t > 1 else "fp8_block_matmul"):
+                assert kernel in text, (t, kernel)
