@@ -15,11 +15,25 @@ from pathlib import Path
 TINY_SEED = 0
 
 
+def cache_root() -> Path:
+    """``$DSV4_JAX_CACHE`` or ``~/.cache/dsv4_jax``."""
+    return Path(os.environ.get("DSV4_JAX_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dsv4_jax"))
+
+
 def tiny_checkpoint_dir() -> Path:
-    """Where the embedded tiny model is cached: ``$DSV4_JAX_CACHE`` or ``~/.cache/dsv4_jax``."""
-    root = os.environ.get("DSV4_JAX_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dsv4_jax")
-    return Path(root) / f"tiny-random-v1-seed{TINY_SEED}"
+    """Where the embedded tiny model is cached (under :func:`cache_root`)."""
+    return cache_root() / f"tiny-random-v1-seed{TINY_SEED}"
+
+
+def use_compilation_cache() -> None:
+    """JAX's persistent compilation cache in ``cache_root()/jax-compilation`` (unless one is configured already,
+    e.g. with ``JAX_COMPILATION_CACHE_DIR``): a second run with the same model and shapes loads its compiled
+    programs instead of compiling them again."""
+    import jax
+
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(cache_root() / "jax-compilation"))
 
 
 def ensure_tiny_checkpoint() -> Path:
@@ -60,6 +74,8 @@ def _sample(args) -> int:
     params.validate()
     if args.steps_per_call < 1:
         raise ValueError(f"--steps-per-call must be at least 1, got {args.steps_per_call}")
+    if args.compile_cache:
+        use_compilation_cache()
     if args.checkpoint is None:
         path, tiny = ensure_tiny_checkpoint(), True
     else:
@@ -130,6 +146,9 @@ def main(argv=None) -> int:
     s.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     s.add_argument("--expert-parallel", type=int, default=1, metavar="N",
                    help="shard the routed experts over the first N devices (0: all; default 1: one device)")
+    s.add_argument("--no-compile-cache", dest="compile_cache", action="store_false",
+                   help="do not keep compiled programs in the persistent cache (default: keep them in "
+                        "$DSV4_JAX_CACHE/jax-compilation, or JAX_COMPILATION_CACHE_DIR if set)")
     s.add_argument("--quiet", action="store_true", help="no progress bar or prompt echo")
     args = parser.parse_args(argv)
     try:

@@ -1,6 +1,8 @@
 """Incremental decoding (ARCHITECTURE.md §10) against the whole-sequence forward pass, sampling, and the
 refusal of impossible requests."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -210,7 +212,8 @@ def test_cli_samples_and_refuses_bad_requests(tmp_path, capsys, monkeypatch):
 
     ckpt = tmp_path / "ckpt"
     d.save_checkpoint(d.random_model(d.tiny(vocab_size=129280), seed=1), ckpt)
-    assert main(["sample", "--checkpoint", str(ckpt), "--max-new-tokens", "3", "--quiet", "--ignore-eos"]) == 0
+    assert main(["sample", "--checkpoint", str(ckpt), "--max-new-tokens", "3", "--quiet", "--ignore-eos",
+                 "--no-compile-cache"]) == 0
     err = capsys.readouterr().err
     assert "generated 3 tokens" in err and "time to first token" in err
     assert main(["sample", "--checkpoint", str(tmp_path / "missing")]) == 2
@@ -222,6 +225,24 @@ def test_cli_samples_and_refuses_bad_requests(tmp_path, capsys, monkeypatch):
     # Past the first decoding call the summary has a decode rate (tokens after that call, whose time includes
     # its compilation).
     assert main(["sample", "--checkpoint", str(ckpt), "--max-new-tokens", "6", "--quiet", "--ignore-eos",
-                 "--steps-per-call", "2"]) == 0
+                 "--steps-per-call", "2", "--no-compile-cache"]) == 0
     summary = capsys.readouterr().err
     assert "generated 6 tokens" in summary and "decode nan" not in summary
+
+
+def test_cli_keeps_compiled_programs_in_its_cache(tmp_path):
+    """By default the command keeps its compiled programs in JAX's persistent cache under $DSV4_JAX_CACHE, so a
+    second run does not compile them again (a separate process: the cache is process-wide configuration)."""
+    import subprocess
+    import sys
+
+    ckpt = tmp_path / "ckpt"
+    d.save_checkpoint(d.random_model(d.tiny(vocab_size=129280), seed=1), ckpt)
+    env = dict(os.environ, DSV4_JAX_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    out = subprocess.run([sys.executable, "-m", "dsv4_jax", "sample", "--checkpoint", str(ckpt), "--quiet",
+                          "--max-new-tokens", "2", "--ignore-eos"], env=env, capture_output=True, text=True,
+                         timeout=600, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    cached = list((tmp_path / "cache" / "jax-compilation").iterdir())
+    assert len(cached) >= 2, cached  # at least the prefill and the decoding loop
