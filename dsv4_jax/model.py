@@ -107,10 +107,19 @@ def token_matrix(tokens):
 
 
 def _check_tokens(model: Model, tokens) -> jax.Array:
+    """Token ids for ``forward`` and its relatives: ``[batch, time]`` integers, at least one token, at most the
+    context, and (when concrete) each in the vocabulary (an id outside would silently be clamped by the
+    embedding lookup)."""
     tokens = token_matrix(tokens)
+    if tokens.shape[1] < 1:
+        raise ValueError(f"tokens must hold at least one token per sequence, got shape {tokens.shape}")
     if tokens.shape[1] > model.config.max_position_embeddings:
         raise ValueError(f"{tokens.shape[1]} tokens exceed max_position_embeddings = "
                          f"{model.config.max_position_embeddings}")
+    if not isinstance(tokens, jax.core.Tracer) and tokens.size:
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= model.config.vocab_size:
+            raise ValueError(f"token ids must be in [0, {model.config.vocab_size}), got [{lo}, {hi}]")
     return jnp.asarray(tokens, jnp.int32)
 
 

@@ -248,16 +248,23 @@ def init_params(
     key: jax.Array,
     *,
     expert_format: ExpertFormat = "nvfp4",
-    mtp_expert_format: ExpertFormat = "mxfp4",
+    mtp_expert_format: ExpertFormat | None = None,
 ) -> Params:
     """Random parameters of ``config`` in the stored formats of the NVFP4 release.
 
     Every tensor is random (norm weights around 1, biases and sinks non-zero) so that tests exercise every
     term. ``expert_format`` picks the routed experts' format of the main layers (``"mxfp4"`` gives the native
-    DeepSeek release); ``mtp_expert_format`` that of the MTP block. Works under ``jax.eval_shape``.
+    DeepSeek release); ``mtp_expert_format`` that of the MTP block (default ``"mxfp4"``, as in both releases, or
+    ``"nvfp4"`` when ``hidden_size`` is not a multiple of MXFP4's 32-wide blocks). Works under ``jax.eval_shape``.
     """
     keys = _Keys(key)
     c = config
+    if mtp_expert_format is None:
+        mtp_expert_format = "mxfp4" if c.hidden_size % 32 == 0 else "nvfp4"
+    for name, fmt in (("expert_format", expert_format), ("mtp_expert_format", mtp_expert_format)):
+        if fmt == "mxfp4" and c.hidden_size % 32:
+            raise ValueError(f"{name}='mxfp4' needs hidden_size to be a multiple of 32 (the MXFP4 block), got "
+                             f"{c.hidden_size}")
     d, v = c.hidden_size, c.vocab_size
     layers = tuple(_block(keys, c, i, expert_format) for i in range(c.num_hidden_layers))
     hf, hb, hs = _hc(keys, c, c.hc_mult)

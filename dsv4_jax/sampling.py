@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+
+def _is_int(x) -> bool:
+    """A Python or NumPy integer (not a bool)."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,19 +29,19 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid option."""
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if not (self.temperature >= 0) or self.temperature == float("inf"):
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not _is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
         if not (0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.seed, int):
+        if not _is_int(self.seed):
             raise TypeError(f"seed must be an integer, got {self.seed!r}")
         if isinstance(self.stop_strings, str) or any(not isinstance(s, str) or not s for s in self.stop_strings):
             raise ValueError(f"stop_strings must be a sequence of non-empty strings, got {self.stop_strings!r}")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+        if _is_int(self.stop_token_ids) or any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
 
 

@@ -172,6 +172,9 @@ def test_sampling_filters():
     a = generate(MODEL, [[5, 6, 7]], max_new_tokens=6, temperature=1.0, top_k=3, seed=7, ignore_eos=True)
     b = generate(MODEL, [[5, 6, 7]], max_new_tokens=6, temperature=1.0, top_k=3, seed=7, ignore_eos=True)
     assert a == b
+    # NumPy integers are integers.
+    assert generate(MODEL, [[5, 6, 7]], max_new_tokens=np.int64(6), temperature=1.0, top_k=np.int32(3),
+                    seed=np.int64(7), ignore_eos=True) == a
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -181,6 +184,8 @@ def test_sampling_filters():
     ({"max_new_tokens": 0}, "max_new_tokens"),
     ({"max_new_tokens": 10, "max_len": 12}, "exceeds max_len"),
     ({"max_new_tokens": 2000}, "context"),
+    ({"stop_token_ids": 7}, "stop_token_ids"),
+    ({"max_new_tokens": True}, "max_new_tokens"),
 ])
 def test_bad_requests_are_refused_before_work(kwargs, match):
     with pytest.raises(ValueError, match=match):

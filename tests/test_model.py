@@ -192,3 +192,24 @@ def test_bad_tokens_are_refused():
         d.forward(model, np.ones((1, 3), np.float32))
     with pytest.raises(ValueError, match="max_position_embeddings"):
         d.forward(model, np.ones((1, config.max_position_embeddings + 1), np.int32))
+    v = config.vocab_size
+    for bad in ([[5, v]], [[-1, 5]]):  # the embedding lookup would clamp them silently
+        with pytest.raises(ValueError, match=rf"token ids must be in \[0, {v}\)"):
+            d.forward(model, bad)
+        with pytest.raises(ValueError, match="token ids"):
+            d.forward_mtp(model, bad)
+    with pytest.raises(ValueError, match="at least one token"):
+        d.forward(model, np.zeros((1, 0), np.int32))
+
+
+def test_hidden_size_not_a_multiple_of_32_gets_nvfp4_mtp_experts():
+    """MXFP4 has 32-wide blocks: with hidden_size 80 the MTP experts are NVFP4 (forward_mtp runs), an explicit
+    MXFP4 request is refused, and Format Q (MXFP4 MTP experts by definition) refuses to save it."""
+    config = d.tiny(hidden_size=80, vocab_size=200)
+    model = d.random_model(config, seed=0)
+    tokens = np.random.default_rng(0).integers(0, 200, (1, 12))
+    assert np.isfinite(np.asarray(d.forward_mtp(model, tokens))).all()
+    with pytest.raises(ValueError, match="multiple of 32"):
+        d.random_model(config, seed=0, expert_format="mxfp4")
+    with pytest.raises(ValueError, match="MXFP4 experts are required"):
+        d.save_checkpoint(model, "/nonexistent-dsv4-dir/ck", format="modelopt-nvfp4")
