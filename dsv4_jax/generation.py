@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .cache import Cache, init_cache
-from .model import Model, _head, run_blocks, token_matrix
+from .model import Model, _head, check_vocab, run_blocks, token_matrix
 from .sampling import SamplingParams, _sample, sample, sampling_args
 
 
@@ -39,10 +39,9 @@ _step = jax.jit(_step_fn, static_argnames=("last_only",), donate_argnames=("cach
 
 def _as_tokens(model: Model, tokens) -> np.ndarray:
     """Host int32 ``[batch, time]`` token ids, each in the model's vocabulary."""
-    a = np.asarray(token_matrix(tokens)).astype(np.int32)
-    if a.size and (a.min() < 0 or a.max() >= model.config.vocab_size):
-        raise ValueError(f"token ids must be in [0, {model.config.vocab_size}), got [{a.min()}, {a.max()}]")
-    return a
+    a = np.asarray(token_matrix(tokens))
+    check_vocab(model, a)
+    return a.astype(np.int32)
 
 
 def prefill(model: Model, tokens, *, max_len: int, lengths=None, chunk: int = 512,

@@ -116,11 +116,17 @@ def _check_tokens(model: Model, tokens) -> jax.Array:
     if tokens.shape[1] > model.config.max_position_embeddings:
         raise ValueError(f"{tokens.shape[1]} tokens exceed max_position_embeddings = "
                          f"{model.config.max_position_embeddings}")
-    if not isinstance(tokens, jax.core.Tracer) and tokens.size:
+    if not isinstance(tokens, jax.core.Tracer):
+        check_vocab(model, tokens)
+    return jnp.asarray(tokens, jnp.int32)
+
+
+def check_vocab(model: Model, tokens) -> None:
+    """Refuse concrete token ids outside ``[0, vocab_size)`` (the embedding lookup would clamp them)."""
+    if tokens.size:
         lo, hi = int(tokens.min()), int(tokens.max())
         if lo < 0 or hi >= model.config.vocab_size:
             raise ValueError(f"token ids must be in [0, {model.config.vocab_size}), got [{lo}, {hi}]")
-    return jnp.asarray(tokens, jnp.int32)
 
 
 def _embed(model: Model, tokens: jax.Array) -> jax.Array:
