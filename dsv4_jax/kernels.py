@@ -78,7 +78,8 @@ def use_kernel_layout(dtype, devices=None) -> bool:
     return ENABLED and platform in ("gpu", "cuda", "rocm") and jnp.dtype(dtype) == jnp.bfloat16
 
 
-def _is_nvfp4(a) -> bool:
+def is_nvfp4(a) -> bool:
+    """Whether ``a`` is an NVFP4 weight (checkpoint or kernel layout)."""
     return isinstance(a, (quant.Nvfp4, Nvfp4Packed))
 
 
@@ -107,13 +108,13 @@ def prepare_weights(tree, *, donate: bool = False):
         return p
 
     counts = collections.Counter(id(x) for x in jax.tree.leaves(tree))
-    return jax.tree.map(pack, tree, is_leaf=_is_nvfp4)
+    return jax.tree.map(pack, tree, is_leaf=is_nvfp4)
 
 
 def checkpoint_layout(tree):
     """Inverse of :func:`prepare_weights`: every ``Nvfp4Packed`` leaf back to the checkpoint's ``quant.Nvfp4``
     (bit for bit). Saving and anything that reads weights in the stored formats go through this."""
-    return jax.tree.map(lambda a: unpack_nvfp4(a) if isinstance(a, Nvfp4Packed) else a, tree, is_leaf=_is_nvfp4)
+    return jax.tree.map(lambda a: unpack_nvfp4(a) if isinstance(a, Nvfp4Packed) else a, tree, is_leaf=is_nvfp4)
 
 
 def linear(x: jax.Array, w: Weight | Nvfp4Packed, dtype, out_dtype=None, *, interpret: bool = False,
@@ -140,11 +141,16 @@ def linear(x: jax.Array, w: Weight | Nvfp4Packed, dtype, out_dtype=None, *, inte
 
 
 def routed_experts(e: Experts, x: jax.Array, ids: jax.Array, w: jax.Array, config: Config, dtype, *,
-                   interpret: bool = False) -> jax.Array:
+                   interpret: bool = False, w4a4: bool = False) -> jax.Array:
     """``moe.routed_experts``: sum over the selected experts of ``w * expert(x)``, fp32 ``[N, D]``.
-    ``x [N, D]``, ``ids, w [N, k]``."""
+    ``x [N, D]``, ``ids, w [N, k]``. ``w4a4``: NVFP4 experts get their activations quantised to NVFP4 with
+    each weight's ``input_scale`` (:func:`linear`'s option), one expert at a time (``moe.routed_experts``'
+    evaluation, with the W4A4 products on the GPU: slower than the grouped kernel)."""
     interpret = interpret or INTERPRET
     nvfp4 = all(isinstance(a, (quant.Nvfp4, Nvfp4Packed)) for a in (e.w1, e.w2, e.w3))
+    if w4a4 and nvfp4:
+        e = Experts(_as_checkpoint(e.w1), _as_checkpoint(e.w2), _as_checkpoint(e.w3))
+        return moe.routed_experts(e, x, ids, w, config, dtype, w4a4=True)
     if nvfp4 and _use_kernel(dtype, interpret):
         return nvfp4_moe(x, ids, w, _as_packed(e.w1), _as_packed(e.w2), _as_packed(e.w3),
                               config.swiglu_limit, interpret=interpret)

@@ -32,10 +32,14 @@ class Numerics:
     """Switches for the quantisation simulations that are part of the trained graph (ARCHITECTURE.md §2.3).
 
     Both are on in the model; turning one off reproduces ports that skip it (e.g. Hugging Face transformers
-    skips both, ARCHITECTURE.md §13 rows 2 and 5) or measures its effect."""
+    skips both, ARCHITECTURE.md §13 rows 2 and 5) or measures its effect. ``w4a4`` (off) is an experiment
+    outside the model: ``dataclasses.replace(model, numerics=Numerics(w4a4=True))``."""
 
     kv_fp8: bool = True  # FP8_SIM of the non-rotary dims of every stored KV row (raw and compressed)
     indexer_fp4: bool = True  # Hadamard rotation + FP4_SIM of the indexer's queries and keys
+    # Not part of the model: Blackwell's FP4 x FP4 numerics for the NVFP4 routed experts, whose inputs are then
+    # quantised to NVFP4 with each weight's input_scale (CHECKPOINT.md §4.2), to compare W4A4 with W4A16.
+    w4a4: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +95,7 @@ def block(p: Block, h: jax.Array, tokens: jax.Array, cache: LayerCache, pos0: ja
     h = hc_post(a, h, post, comb)
     x, post, comb = hc_pre(h, p.hc_ffn_fn, p.hc_ffn_scale, p.hc_ffn_base, c)
     x = rms_norm(x, p.ffn_norm, c.rms_norm_eps)
-    f = moe(p.ffn, x, tokens, c, dt, mesh=model.mesh)
+    f = moe(p.ffn, x, tokens, c, dt, mesh=model.mesh, w4a4=model.numerics.w4a4)
     return hc_post(f, h, post, comb), cache
 
 

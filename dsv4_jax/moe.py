@@ -34,24 +34,30 @@ def route(p: MoE, x: jax.Array, tokens: jax.Array, config: Config) -> tuple[jax.
     return ids, w
 
 
-def swiglu(e: Experts, x: jax.Array, config: Config, dtype) -> jax.Array:
-    """§8.2: ``SiLU(min(x w1^T, L)) * clamp(x w3^T, -L, L)``, fp32 ``[..., I]``."""
+def _linear(x: jax.Array, w, dtype, w4a4: bool) -> jax.Array:
+    """fp32 ``x @ w^T``; with ``w4a4`` an NVFP4 weight gets its input quantised to NVFP4 first."""
     from . import kernels  # kernels dispatches back to this module's reference
 
+    return kernels.linear(x, w, dtype, jnp.float32, w4a4=w4a4 and kernels.is_nvfp4(w))
+
+
+def swiglu(e: Experts, x: jax.Array, config: Config, dtype, w4a4: bool = False) -> jax.Array:
+    """§8.2: ``SiLU(min(x w1^T, L)) * clamp(x w3^T, -L, L)``, fp32 ``[..., I]``."""
     lim = config.swiglu_limit
-    a = jnp.minimum(kernels.linear(x, e.w1, dtype, jnp.float32), lim)
-    u = jnp.clip(kernels.linear(x, e.w3, dtype, jnp.float32), -lim, lim)
+    a = jnp.minimum(_linear(x, e.w1, dtype, w4a4), lim)
+    u = jnp.clip(_linear(x, e.w3, dtype, w4a4), -lim, lim)
     return jax.nn.silu(a) * u
 
 
-def expert_ffn(e: Experts, x: jax.Array, weight: jax.Array | None, config: Config, dtype) -> jax.Array:
-    """One expert, fp32 ``[..., D]``; a routed expert multiplies its hidden by its routing weight before w2."""
-    h = swiglu(e, x, config, dtype)
+def expert_ffn(e: Experts, x: jax.Array, weight: jax.Array | None, config: Config, dtype,
+               w4a4: bool = False) -> jax.Array:
+    """One expert, fp32 ``[..., D]``; a routed expert multiplies its hidden by its routing weight before w2.
+    ``w4a4``: NVFP4 weights see their inputs (``x``, then the weighted hidden) quantised to NVFP4 with their
+    ``input_scale`` (``kernels.linear``'s option: the numerics of an FP4 x FP4 deployment)."""
+    h = swiglu(e, x, config, dtype, w4a4)
     if weight is not None:
         h = h * weight[..., None]
-    from . import kernels
-
-    return kernels.linear(h.astype(dtype), e.w2, dtype, jnp.float32)
+    return _linear(h.astype(dtype), e.w2, dtype, w4a4)
 
 
 def _slice(e: Experts, i) -> Experts:
@@ -63,7 +69,8 @@ def n_experts(e: Experts) -> int:
     return jax.tree.leaves(e.w1)[0].shape[0]
 
 
-def routed_experts(e: Experts, x: jax.Array, ids: jax.Array, w: jax.Array, config: Config, dtype) -> jax.Array:
+def routed_experts(e: Experts, x: jax.Array, ids: jax.Array, w: jax.Array, config: Config, dtype,
+                   w4a4: bool = False) -> jax.Array:
     """Sum over the selected experts of ``w * expert(x)``, fp32. ``x [N, D]``, ``ids, w [N, k]``; an id of -1
     selects nothing (a pair of another device's expert).
 
@@ -74,7 +81,7 @@ def routed_experts(e: Experts, x: jax.Array, ids: jax.Array, w: jax.Array, confi
 
     def body(acc, i):
         wi = jnp.sum(jnp.where(ids == i, w, 0.0), axis=-1)  # [N]
-        y = jax.lax.cond(jnp.any(ids == i), lambda: expert_ffn(_slice(e, i), x, wi, config, dtype),
+        y = jax.lax.cond(jnp.any(ids == i), lambda: expert_ffn(_slice(e, i), x, wi, config, dtype, w4a4),
                          lambda: jnp.zeros_like(acc))
         return acc + y, None
 
@@ -83,7 +90,7 @@ def routed_experts(e: Experts, x: jax.Array, ids: jax.Array, w: jax.Array, confi
 
 
 def _expert_parallel(e: Experts, x: jax.Array, ids: jax.Array, w: jax.Array, config: Config, dtype,
-                     mesh: Mesh) -> jax.Array:
+                     mesh: Mesh, w4a4: bool = False) -> jax.Array:
     """:func:`routed_experts` with the experts sharded over ``mesh``'s ``"expert"`` axis (module docstring)."""
     from . import kernels
 
@@ -93,7 +100,7 @@ def _expert_parallel(e: Experts, x: jax.Array, ids: jax.Array, w: jax.Array, con
         lo = jax.lax.axis_index(axis) * n_experts(e_local)
         mine = (ids >= lo) & (ids < lo + n_experts(e_local))
         y = kernels.routed_experts(e_local, x, jnp.where(mine, ids - lo, -1), jnp.where(mine, w, 0.0), config,
-                                   dtype)
+                                   dtype, w4a4=w4a4)
         return jax.lax.psum(y, axis)
 
     rep = PartitionSpec()
@@ -101,18 +108,20 @@ def _expert_parallel(e: Experts, x: jax.Array, ids: jax.Array, w: jax.Array, con
                          check_vma=False)(e, x, ids, w)
 
 
-def moe(p: MoE, x: jax.Array, tokens: jax.Array, config: Config, dtype, mesh: Mesh | None = None) -> jax.Array:
+def moe(p: MoE, x: jax.Array, tokens: jax.Array, config: Config, dtype, mesh: Mesh | None = None,
+        w4a4: bool = False) -> jax.Array:
     """§8.3: routed experts plus the (clipped, unweighted) shared expert, accumulated in fp32.
     ``x [B, T, D]``, ``tokens [B, T]`` (hash routing) -> ``[B, T, D]`` in the compute dtype. With a ``mesh``
-    whose ``"expert"`` axis has several devices the routed experts run expert-parallel (module docstring)."""
+    whose ``"expert"`` axis has several devices the routed experts run expert-parallel (module docstring).
+    ``w4a4``: NVFP4 routed experts with NVFP4-quantised activations (``Numerics.w4a4``)."""
     b, t, d = x.shape
     ids, w = route(p, x, tokens, config)
     from . import kernels
 
     args = (p.experts, x.reshape(b * t, d), ids.reshape(b * t, -1), w.reshape(b * t, -1), config, dtype)
     if sharding.expert_shards(mesh) > 1:
-        routed = _expert_parallel(*args, mesh)
+        routed = _expert_parallel(*args, mesh, w4a4)
     else:
-        routed = kernels.routed_experts(*args)
+        routed = kernels.routed_experts(*args, w4a4=w4a4)
     shared = expert_ffn(p.shared, x, None, config, dtype)
     return (routed.reshape(b, t, d) + shared).astype(dtype)

@@ -88,3 +88,43 @@ def test_both_expert_evaluation_orders_agree():
     few = [moe.routed_experts(p.experts, x[i:i + 1], ids[i:i + 1], w[i:i + 1], C, jnp.float32) for i in range(6)]
     many = moe.routed_experts(p.experts, x, ids, w, C, jnp.float32)
     np.testing.assert_allclose(np.concatenate(few), np.asarray(many), rtol=1e-5, atol=1e-5)
+
+
+def test_w4a4_quantises_each_expert_input_with_its_input_scale():
+    """``Numerics.w4a4``: every NVFP4 routed-expert product sees its input (x for w1 and w3, the weighted hidden
+    for w2) quantised to NVFP4 with that weight's own ``input_scale`` (different per expert here): the layer
+    equals the pair-by-pair formula built from ``w4a4_matmul_reference``; the shared expert (FP8) is
+    unchanged; and the result differs from W4A16."""
+    from dsv4_jax import kernels
+    from pallas_kernels.nvfp4_act import w4a4_matmul_reference
+
+    p = MODEL.params.layers[3].ffn
+    rng = np.random.default_rng(4)
+    e = p.experts
+    n_e = moe.n_experts(e)
+    scales = {k: jnp.asarray(rng.uniform(0.002, 0.02, n_e), jnp.float32) for k in ("w1", "w2", "w3")}
+    e = moe.Experts(*(dataclasses.replace(getattr(e, k), input_scale=scales[k]) for k in ("w1", "w2", "w3")))
+    x = jnp.asarray(rng.standard_normal((7, C.hidden_size)), jnp.float32)
+    ids, w = moe.route(p, x, jnp.zeros(7, jnp.int32), C)
+    got = np.asarray(kernels.routed_experts(e, x, ids, w, C, jnp.float32, w4a4=True))
+    want = np.zeros_like(got)
+    for t in range(7):
+        for j in range(ids.shape[1]):
+            ex = jax.tree.map(lambda a, i=int(ids[t, j]): a[i], e)
+            xt = x[t:t + 1]
+            a = np.minimum(np.asarray(w4a4_matmul_reference(xt, ex.w1, jnp.float32)), C.swiglu_limit)
+            u = np.clip(np.asarray(w4a4_matmul_reference(xt, ex.w3, jnp.float32)), -C.swiglu_limit, C.swiglu_limit)
+            h = jnp.asarray(a / (1 + np.exp(-a)) * u * np.asarray(w[t, j]), jnp.float32)
+            want[t] += np.asarray(w4a4_matmul_reference(h, ex.w2, jnp.float32))[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    w4a16 = np.asarray(moe.routed_experts(e, x, ids, w, C, jnp.float32))
+    assert np.abs(w4a16 - got).max() > 1e-3 * np.abs(w4a16).max()
+
+
+def test_numerics_w4a4_reaches_the_model():
+    """``Model.numerics.w4a4`` switches the model's routed experts to W4A4 (the random model's input_scale of 1
+    makes the difference large; a checkpoint's calibrated scales make it small)."""
+    tokens = np.random.default_rng(5).integers(0, C.vocab_size, (2, 30))
+    a = np.asarray(d.forward(MODEL, tokens))
+    b = np.asarray(d.forward(dataclasses.replace(MODEL, numerics=d.Numerics(w4a4=True)), tokens))
+    assert np.isfinite(b).all() and np.abs(a - b).max() > 1e-2 * np.abs(a).max()
