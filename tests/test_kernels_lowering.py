@@ -5,6 +5,7 @@ on the GPU. The model's prefill and decode steps are exported for CUDA with the 
 compiled or run). Needs JAX's private GPU-info hook; skipped where a JAX version lacks it."""
 
 import contextlib
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -92,3 +93,18 @@ def test_model_with_interpreted_kernels_is_as_close_to_float32_as_the_references
     print(f"median error vs float32: kernels {ker_err:.4f}, references {ref_err:.4f}")
     assert ker_err < 1.5 * ref_err + 0.005
     assert np.abs(np.asarray(step)[0] - ker[0, 40]).max() / scale < 0.05
+
+
+def test_w4a4_model_lowers_for_gpu():
+    """``Numerics(w4a4=True)``: the routed experts' products go through the W4A4 matmul kernel (one expert at a
+    time, not the grouped kernel) and lower for the GPU."""
+    config = d.tiny(vocab_size=256)
+    model = dataclasses.replace(d.random_model(config, seed=0, kernel_layout=True), numerics=d.Numerics(w4a4=True))
+    cache = init_cache(config, 2, 64, jnp.bfloat16)
+    step = jax.jit(lambda m, c, t, n: _step_fn(m, c, t, n, False))
+    allow = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    with _lowering_for_gpu():
+        exp = export.export(step, platforms=["cuda"], disabled_checks=allow)(
+            model, cache, jnp.ones((2, 1), jnp.int32), jnp.ones((2,), jnp.int32))
+    text = exp.mlir_module()
+    assert "nvfp4_matmul" in text and "nvfp4_moe" not in text
