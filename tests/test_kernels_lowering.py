@@ -49,21 +49,26 @@ def _lowering_for_gpu():
         kernels.on_gpu = on_gpu
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_model_kernels_lower_for_gpu(name):
-    config = d.tiny(vocab_size=256, **CONFIGS[name])
-    model = d.random_model(config, seed=0, kernel_layout=True)
-    cache = init_cache(config, 2, 512, jnp.bfloat16)
-    step = jax.jit(lambda m, c, t, n: _step_fn(m, c, t, n, False))
+def _lowered_step(model: d.Model, t: int, max_len: int = 512) -> str:
+    """The model's step over ``t`` tokens of 2 sequences (prefill chunk or decode), lowered for an sm_90 GPU:
+    its StableHLO text, with the Triton kernels as custom calls named after the kernels."""
+    cache = init_cache(model.config, 2, max_len, jnp.bfloat16)
+    step = jax.jit(lambda m, c, tok, n: _step_fn(m, c, tok, n, False))
     allow = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
     with _lowering_for_gpu():
-        for t in (300, 1):  # a prefill chunk, a decode step
-            exp = export.export(step, platforms=["cuda"], disabled_checks=allow)(
-                model, cache, jnp.ones((2, t), jnp.int32), jnp.full((2,), t, jnp.int32))
-            text = exp.mlir_module()
-            # (larger FP8 products go through exact dequantisation + XLA's dot instead)
-            for kernel in ("compressed_attention", "nvfp4_moe", "indexer_scores" if t > 1 else "fp8_block_matmul"):
-                assert kernel in text, (t, kernel)
+        exp = export.export(step, platforms=["cuda"], disabled_checks=allow)(
+            model, cache, jnp.ones((2, t), jnp.int32), jnp.full((2,), t, jnp.int32))
+    return exp.mlir_module()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_model_kernels_lower_for_gpu(name):
+    model = d.random_model(d.tiny(vocab_size=256, **CONFIGS[name]), seed=0, kernel_layout=True)
+    for t in (300, 1):  # a prefill chunk, a decode step
+        text = _lowered_step(model, t)
+        # (larger FP8 products go through exact dequantisation + XLA's dot instead)
+        for kernel in ("compressed_attention", "nvfp4_moe", "indexer_scores" if t > 1 else "fp8_block_matmul"):
+            assert kernel in text, (t, kernel)
 
 
 @pytest.mark.slow
@@ -98,13 +103,6 @@ def test_model_with_interpreted_kernels_is_as_close_to_float32_as_the_references
 def test_w4a4_model_lowers_for_gpu():
     """``Numerics(w4a4=True)``: the routed experts' products go through the W4A4 matmul kernel (one expert at a
     time, not the grouped kernel) and lower for the GPU."""
-    config = d.tiny(vocab_size=256)
-    model = dataclasses.replace(d.random_model(config, seed=0, kernel_layout=True), numerics=d.Numerics(w4a4=True))
-    cache = init_cache(config, 2, 64, jnp.bfloat16)
-    step = jax.jit(lambda m, c, t, n: _step_fn(m, c, t, n, False))
-    allow = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-    with _lowering_for_gpu():
-        exp = export.export(step, platforms=["cuda"], disabled_checks=allow)(
-            model, cache, jnp.ones((2, 1), jnp.int32), jnp.ones((2,), jnp.int32))
-    text = exp.mlir_module()
+    model = d.random_model(d.tiny(vocab_size=256), seed=0, kernel_layout=True)
+    text = _lowered_step(dataclasses.replace(model, numerics=d.Numerics(w4a4=True)), 1, max_len=64)
     assert "nvfp4_matmul" in text and "nvfp4_moe" not in text
