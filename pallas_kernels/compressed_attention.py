@@ -51,19 +51,29 @@ class AttnConfig:
 
 
 def default_config(t: int, h: int, r: int, batch: int, k: int = 0) -> AttnConfig:
-    """Decode (``t == 1``): 32 query rows (half the heads of a token at H = 64), 4 warps, and the rows (or the
-    ``k`` selected indices) split until ~2 programs per SM, at least 4 blocks per split over rows (the partial
-    accumulators are ``splits x H x d`` fp32). Prefill: 64 query rows (one token's heads at H = 64; 16 with a
-    selection and fewer heads, bounding the gathered block), 8 warps (the fp32 accumulator is ``64 x 512``).
-    Chosen with ``scripts/bench_attention.py --sweep`` on an H200."""
+    """Decode (``t == 1``): whole tokens' heads per block (64 rows, 8 warps; 32 rows x 4 warps where the rows
+    are not split) once the batch alone gives ~128 programs, else 16 query rows x 4 warps (more programs, a quarter of the fp32 accumulator); the rows (or the
+    ``k`` selected indices) are split until about one wave of 132 programs, at least 2 row blocks (1 selected
+    block) per split (the partial accumulators are ``splits x H x d`` fp32). Prefill: 64 query rows (one token's
+    heads at H = 64; 16 with a selection and fewer heads, bounding the gathered block), 8 warps (the fp32
+    accumulator is ``64 x 512``). Chosen with ``scripts/bench_attention.py --sweep`` / ``--sweep-decode B`` on
+    an H200 (BENCHMARKS.md)."""
     if t == 1:
-        bm, bk = min(32, max(16, pl.next_power_of_2(h))), 64
+        hp = pl.next_power_of_2(h)
+        bk = 64
         blocks = pl.cdiv(k, bk) if k else pl.cdiv(r, bk)
-        progs = batch * max(1, h // bm)
-        splits = 1
-        while progs * splits < 264 and blocks // (splits * 2) >= (1 if k else 4):
-            splits *= 2
-        return AttnConfig(bm=bm, bk=bk, splits=splits, num_warps=4, num_stages=2)
+
+        def split(bm):
+            progs, splits = batch * max(1, hp // bm), 1
+            while progs * splits * 2 <= 132 and blocks // (splits * 2) >= (1 if k else 2):
+                splits *= 2
+            return splits
+
+        bm = max(16, min(64, hp)) if batch * max(1, hp // 64) * 4 >= 128 else 16
+        if bm == 64 and (r == 0 or split(bm) == 1):
+            # 64 rows unsplit at t = 1 asks Triton for 256 KB of shared memory (H200: 227 KB; measured)
+            bm = 32
+        return AttnConfig(bm=bm, bk=bk, splits=split(bm), num_warps=8 if bm == 64 else 4, num_stages=2)
     bm = max(16, min(64, pl.next_power_of_2(h))) if k else 64
     return AttnConfig(bm=bm, bk=64, splits=1, num_warps=8, num_stages=2)
 

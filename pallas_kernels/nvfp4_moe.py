@@ -64,15 +64,13 @@ class MoeConfig:
 
 
 def default_config(pairs: int) -> MoeConfig:
-    """Per-size configuration (H200 measurements, BENCHMARKS.md). Decode schedule with CUDA-core rows: batch 1
-    (6 pairs) 58.6 us with bn 32, split13 4 / split2 2, 4 warps, 3 stages (61.3 with bn 64; tensor-core tiles
-    81.3; 8 warps 106-245); 4 tokens (24 pairs) 206.9 us with bn 64 (tensor-core tiles 277-384). From 16 tokens
-    the sorted schedule, which reads an expert shared by several tokens once, wins (823 against 1021 us with
-    tensor-core tiles)."""
-    if pairs <= 8:
-        return MoeConfig(bn13=32, bn2=32, split13=4, split2=2, num_stages=3, fma=True)
+    """Per-size configuration (H200 measurements, BENCHMARKS.md). Decode schedule with CUDA-core rows and long
+    K steps (16 rows x 512 bytes of codes per step): batch 1 (6 pairs) 55.2 us with bn 16, bk 1024, split13 2 /
+    split2 1, 4 warps, 3 stages (58.1 with bn 32, bk 256, split13 4 / split2 2; tensor-core tiles 81.3; 8 warps
+    61-154); 4 tokens (24 pairs) 184.0 us (205 with bn 64, bk 256). From 16 tokens the sorted schedule, which
+    reads an expert shared by several tokens once, wins (823 against 1021 us with tensor-core tiles)."""
     if pairs <= PAIRWISE_MAX:
-        return MoeConfig(split13=4, split2=2, num_stages=3, fma=True)
+        return MoeConfig(bn13=16, bn2=16, bk=1024, split13=2, split2=1, num_stages=3, fma=True)
     if pairs <= 4096:
         return MoeConfig(bm=16, bn13=64, bn2=64, bk=256, schedule="sorted", swap_ab=True, num_stages=4)
     return MoeConfig(bm=64, bn13=64, bn2=128, bk=128, schedule="sorted", swap_ab=False, num_warps=4, num_stages=3)
@@ -396,6 +394,8 @@ def _moe(x, ids, weights, w1: Nvfp4Packed, w2: Nvfp4Packed, w3: Nvfp4Packed, lim
     if w3.n != n_i or w1.k != d or w3.k != d or w2.k != n_i or w2.n != d:
         raise ValueError(f"expert shapes w1 {w1.shape}, w3 {w3.shape}, w2 {w2.shape} do not match D={d}")
     bk = min(cfg.bk, w1.kp, w2.kp)
+    while (w1.kp % bk or w2.kp % bk) and bk > 32:  # a long default step that does not divide a padded input
+        bk //= 2
     cfg = dataclasses.replace(cfg, bn13=_fit(cfg.bn13, w1.np_), bn2=_fit(cfg.bn2, w2.np_), bk=bk,
                               split13=_fit_split(cfg.split13, w1.kp, bk), split2=_fit_split(cfg.split2, w2.kp, bk))
     if w1.kp % cfg.bk or w2.kp % cfg.bk:

@@ -198,7 +198,8 @@ def sweep_decode(key, bw: float, b: int, contexts: list[int]):
             dflt = CA.default_config(1, H, n_rows, b, TOPK if kind == "CSA" else 0)
             choices = [(dflt.bm, dflt.num_warps, dflt.splits)]
             choices += [c for c in [(64, 8, 1), (64, 8, 2), (64, 8, 4), (64, 8, 8), (64, 8, 16), (64, 8, 32),
-                                    (32, 4, 2), (32, 4, 4), (32, 4, 8), (32, 4, 32), (64, 4, 16)]
+                                    (32, 4, 2), (32, 4, 4), (32, 4, 8), (32, 4, 16), (32, 4, 32), (32, 4, 64),
+                                    (64, 4, 16), (16, 4, 8), (16, 4, 32)]
                         if c not in choices and not (kind == "CSA" and c[2] > 8)]
             for i, (bm, nw, splits) in enumerate(choices):
                 cfg = CA.AttnConfig(bm=bm, bk=64, splits=splits, num_warps=nw)

@@ -206,6 +206,34 @@ def test_gpu_attention_equals_reference(t, pos0, ratio, csa):
     _check_attention(o, q, kv, ring, pos0, sink, rows, fp32_reference=False, ratio=ratio, sel=sel)
 
 
+def test_default_decode_tiles_avoid_unsplit_64_row_blocks():
+    """On the H200 a decode block of 64 query rows x 512 whose rows are not split asks Triton for 256 KB of
+    shared memory (227 KB available; measured): the default tiles never choose it, at any batch."""
+    for b in (1, 2, 8, 31, 32, 33, 64, 128, 256):
+        for r, k in ((0, 0), (1, 0), (64, 0), (1000, 0), (8192, 0), (100, 7), (32768, 512)):
+            cfg = CA.default_config(1, 64, r, b, k)
+            assert cfg.bm in (16, 32, 64) and cfg.splits >= 1
+            assert not (cfg.bm == 64 and (cfg.splits == 1 or r == 0)), (b, r, k, cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,ratio,n_rows,csa", [(32, 0, 0, False), (40, 128, 64, False), (32, 128, 1024, False),
+                                                (33, 4, 2048, True)])
+def test_gpu_decode_of_large_batches_at_flash_dimensions(b, ratio, n_rows, csa):
+    """The default decode tiles of large batches (64-row blocks where the rows are split) run and match."""
+    r = rng(b)
+    q, kv, ring, rows, sink = _attn_inputs(r, b, 1, 64, 512, 128, max(n_rows, 1))
+    rows = rows if n_rows else None
+    pos0 = jnp.asarray(r.integers(max(n_rows, 1) * max(ratio, 1), max(n_rows, 1) * max(ratio, 1) + 100, b))
+    sel = idx = None
+    if csa:
+        scores = jnp.asarray(r.standard_normal((b, 1, n_rows)), jnp.float32)
+        sel = select(scores, pos0[:, None], ratio, 512)
+        idx = IX.mask_to_indices(sel, 512)
+    o = kernels.window_attention(q, kv, ring, pos0, rows, idx, sink, ratio, jnp.bfloat16)
+    _check_attention(o, q, kv, ring, pos0, sink, rows, fp32_reference=False, ratio=max(ratio, 1), sel=sel)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("t,pos0", [(1, [1048575, 4000]), (64, [0, 70000])])
 def test_gpu_indexer_selects_reference_rows(t, pos0):

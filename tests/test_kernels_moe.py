@@ -58,6 +58,20 @@ def test_decode_schedule_split_k_equals_reference_interpret(split13, split2, fma
     assert rel(y, MO.nvfp4_moe_reference(x, ids, wts, *ws, 10.0)) < TOL
 
 
+def test_default_decode_config_fits_padded_sizes_its_long_step_does_not_divide_interpret():
+    """The default decode step (1024 codes) is shortened to divide padded inputs of 768 and 512 codes."""
+    r = rng()
+    ws, ps = experts(r, 4, 704, 304)
+    assert (ps[0].kp, ps[1].kp) == (768, 512)
+    ids = jnp.asarray([[0, 2], [3, 1]], jnp.int32)
+    wts = jnp.asarray(r.random((2, K)), jnp.float32)
+    x = bf16(r, 2, 704, scale=2.0)
+    cfg = dataclasses.replace(MO.default_config(2 * K), decode="int")
+    assert cfg.bk == 1024 and cfg.schedule == "pairs"
+    y = MO.nvfp4_moe(x, ids, wts, *ps, 10.0, config=cfg, interpret=True)
+    assert rel(y, MO.nvfp4_moe_reference(x, ids, wts, *ws, 10.0)) < TOL
+
+
 @pytest.mark.parametrize("t,schedule,fma", [(20, "sorted", False), (3, "pairs", False), (3, "pairs", True)])
 def test_swiglu_clip_is_active_interpret(t, schedule, fma):
     """Inputs large enough that min(a, L) and clamp(u, -L, L) bind."""
