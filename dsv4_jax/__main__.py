@@ -151,6 +151,8 @@ def main(argv=None) -> int:
                         "$DSV4_JAX_CACHE/jax-compilation, or JAX_COMPILATION_CACHE_DIR if set)")
     s.add_argument("--quiet", action="store_true", help="no progress bar or prompt echo")
     args = parser.parse_args(argv)
+    if args.prompt is not None and (args.system is not None or args.thinking != "none"):
+        parser.error("--system and --thinking apply to chat messages (--chat); --prompt is sent as is")
     try:
         return _sample(args)
     except (ValueError, FileNotFoundError) as e:

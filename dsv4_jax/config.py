@@ -243,16 +243,19 @@ def tiny(
     hca_ratio: int = 16,
     sliding_window: int = 8,
     index_topk: int = 5,
-    num_hash_layers: int = 2,
+    num_hash_layers: int | None = None,
     vocab_size: int = 256,
     mtp: bool = True,
     **overrides,
 ) -> Config:
     """A small configuration with the structure of Flash: two SWA layers, then CSA / HCA alternating (the
-    first compressed layer is CSA), hash routing in the first ``num_hash_layers`` layers, one MTP layer.
+    first compressed layer is CSA), hash routing in the first ``num_hash_layers`` layers (default: the first
+    two, or the only one), one MTP layer.
 
     Dimensions are the smallest the number formats allow (FP8 blocks of 128 are padded where needed)."""
     ratios = tuple(0 if i < 2 else 4 if i % 2 == 0 else hca_ratio for i in range(num_hidden_layers))
+    if num_hash_layers is None:
+        num_hash_layers = min(2, num_hidden_layers)
     kw = {
         "vocab_size": vocab_size, "hidden_size": 128, "num_hidden_layers": num_hidden_layers,
         "num_nextn_predict_layers": int(mtp), "num_attention_heads": 4, "head_dim": 128, "qk_rope_head_dim": 64,

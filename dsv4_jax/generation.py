@@ -37,9 +37,12 @@ def _step_fn(model: Model, cache: Cache, tokens: jax.Array, n: jax.Array, last_o
 _step = jax.jit(_step_fn, static_argnames=("last_only",), donate_argnames=("cache",))
 
 
-def _as_tokens(model: Model, tokens) -> np.ndarray:
-    """Host int32 ``[batch, time]`` token ids, each in the model's vocabulary."""
+def _as_tokens(model: Model, tokens, lengths: np.ndarray | None = None) -> np.ndarray:
+    """Host int32 ``[batch, time]`` token ids, each in the model's vocabulary; with ``lengths [batch]`` only a
+    row's first ``lengths[b]`` ids are checked and the padding after them becomes 0 (any id may pad)."""
     a = np.asarray(token_matrix(tokens))
+    if lengths is not None and lengths.shape == a.shape[:1]:
+        a = np.where(np.arange(a.shape[1])[None, :] < lengths[:, None], a, 0)
     check_vocab(model, a)
     return a.astype(np.int32)
 
@@ -49,12 +52,15 @@ def prefill(model: Model, tokens, *, max_len: int, lengths=None, chunk: int = 51
     """Process prompts into a fresh cache of ``max_len`` tokens per sequence.
 
     ``tokens [B, T]`` holds the prompts left-aligned; ``lengths [B]`` (default ``T``) their lengths, so a batch
-    may mix lengths (positions beyond a row's length are ignored and their logits are 0). Long prompts are
+    may mix lengths (positions beyond a row's length are ignored, whatever ids they hold, and their logits are
+    0). Long prompts are
     processed in chunks of ``chunk`` tokens (one compiled program per chunk shape). Returns float32 logits
     ``[B, T, V]`` (``[B, V]`` at each prompt's last token with ``last_only``) and the cache."""
-    tokens = _as_tokens(model, tokens)
+    if lengths is not None:
+        lengths = np.asarray(lengths, np.int64).reshape(-1)
+    tokens = _as_tokens(model, tokens, lengths)
     b, t = tokens.shape
-    lengths = np.full((b,), t, np.int64) if lengths is None else np.asarray(lengths, np.int64).reshape(-1)
+    lengths = np.full((b,), t, np.int64) if lengths is None else lengths
     if lengths.shape != (b,):
         raise ValueError(f"lengths must have one entry per prompt ({b}), got shape {lengths.shape}")
     if t == 0 or lengths.min() < 1 or lengths.max() > t:

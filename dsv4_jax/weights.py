@@ -499,6 +499,8 @@ def read_leaf(
         for name in names:
             a = read(name)
             _check_values(part, src.format, a, name, where)
+            if part == "weight" and src.format in ("mxfp4", "nvfp4"):
+                a = _u8(a)  # packed codes: I8 or U8 per tensor (§7.3); stacking the two would widen to int16
             arrays.append(a.reshape(()) if part in ("weight_scale_2", "input_scale") else a)
         parts[part] = np.stack(arrays) if e.kind == "experts" else np.array(arrays[0])
     if src.format == "dense":

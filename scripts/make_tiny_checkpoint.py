@@ -21,20 +21,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--layers", type=int, default=5, help="main layers (SWA, SWA, then CSA / HCA alternating)"
     )
-    ap.add_argument("--no-mtp", action="store_true", help="no MTP block")
+    ap.add_argument("--no-mtp", action="store_true", help="no MTP block (the hf layout never has one)")
     ap.add_argument(
         "--max-shard-mb", type=float, default=1.0, help="shard size limit (small, to get several)"
     )
     args = ap.parse_args(argv)
-    config = d.tiny(num_hidden_layers=args.layers, mtp=not args.no_mtp)
+    try:
+        config = d.tiny(num_hidden_layers=args.layers, mtp=not args.no_mtp)
+    except ValueError as e:  # ConfigError: an impossible configuration, refused before any work
+        ap.error(str(e))
     # The original release stores MXFP4 experts; Format Q gets NVFP4 ones (MXFP4 would be cast losslessly).
     experts = "mxfp4" if args.format == "native" else "nvfp4"
     model = d.random_model(config, seed=args.seed, expert_format=experts)
     path = save_checkpoint(model, args.out, args.format, max_shard_bytes=int(args.max_shard_mb * 2**20))
-    print(
-        f"wrote {path} ({args.format}, {config.num_hidden_layers} layers, "
-        f"{config.num_nextn_predict_layers} MTP)"
-    )
+    mtp = 0 if args.format == "hf" else config.num_nextn_predict_layers  # transformers' layout has no MTP
+    print(f"wrote {path} ({args.format}, {config.num_hidden_layers} layers, {mtp} MTP)")
 
 
 if __name__ == "__main__":

@@ -229,6 +229,19 @@ def test_transformers_interoperability(model_q, tokens, tmp_path):
     assert np.abs(again - want).max() / np.abs(want).max() < 1e-5
 
 
+def test_native_experts_mixing_i8_and_u8_codes_load_exactly(model_n, tokens, tmp_path):
+    """§7.3: each packed MXFP4 weight may be I8 or U8; one expert's codes relabelled U8 among I8 siblings
+    load to the same parameters (not a widened stack)."""
+    n = ck.save_checkpoint(model_n, tmp_path / "n", "native", max_shard_bytes=SMALL_SHARDS)
+    name = "layers.1.ffn.experts.3.w1.weight"
+    assert _headers(n)[name].dtype == "I8"
+    _rewrite_shard(n, name, lambda t: t.__setitem__(name, t[name].view(np.uint8)))
+    assert _headers(n)[name].dtype == "U8" and _headers(n)["layers.1.ffn.experts.2.w1.weight"].dtype == "I8"
+    loaded = _load(n)
+    assert_same_params(loaded.params, model_n.params)
+    np.testing.assert_array_equal(np.asarray(d.forward(loaded, tokens)), np.asarray(d.forward(model_n, tokens)))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # §7 failures
 

@@ -84,6 +84,13 @@ def test_tiny_has_flash_structure():
     assert c.num_nextn_predict_layers == 1 and c.layer_type(c.num_hidden_layers) == "swa"
 
 
+def test_tiny_with_one_layer_hashes_that_layer_only():
+    c = d.tiny(num_hidden_layers=1)
+    assert (c.num_hidden_layers, c.num_hash_layers, c.compress_ratios) == (1, 1, (0, 0))
+    with pytest.raises(d.ConfigError, match="num_hash_layers"):
+        d.tiny(num_hidden_layers=1, num_hash_layers=2)
+
+
 def test_transformers_config_schema_is_read():
     """transformers folds compress_ratios / num_hash_layers / qk_rope_head_dim / rope_scaling into layer_types,
     mlp_layer_types, partial_rotary_factor and rope_parameters; such a config.json reads to the same model

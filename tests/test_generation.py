@@ -63,6 +63,22 @@ def test_batch_of_different_lengths(tokens_and_full):
             assert _rel(step[b], full[b, lengths[b] + k]) < 1e-4, (b, k)
 
 
+def test_padding_after_a_prompt_may_hold_any_id(tokens_and_full):
+    """Positions past a row's length are ignored whatever they hold (-1 or ids outside the vocabulary); ids
+    inside a prompt are still checked."""
+    tokens, _ = tokens_and_full
+    lengths = np.array([5, 17])
+    want, _ = prefill(MODEL, tokens, max_len=T, lengths=lengths, last_only=True)
+    padded = np.array(tokens)
+    padded[0, 5:] = -1
+    padded[1, 17:] = C.vocab_size + 7
+    got, _ = prefill(MODEL, padded, max_len=T, lengths=lengths, last_only=True)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    padded[1, 3] = -1
+    with pytest.raises(ValueError, match="token ids must be in"):
+        prefill(MODEL, padded, max_len=T, lengths=lengths)
+
+
 def test_bf16_decode_tracks_prefill(tokens_and_full):
     """In bf16 the cached path follows the same computation: decode and a bf16 forward agree closely at
     most steps (routing/top-k flips allowed at a few)."""
@@ -227,6 +243,9 @@ def test_cli_samples_and_refuses_bad_requests(tmp_path, capsys, monkeypatch):
     assert "top_p" in capsys.readouterr().err
     assert main(["sample", "--checkpoint", str(ckpt), "--steps-per-call", "0"]) == 2
     assert "--steps-per-call" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # argparse: chat options beside a raw prompt are refused
+        main(["sample", "--prompt", "hi", "--thinking", "high"])
+    assert exit_.value.code == 2 and "--prompt is sent as is" in capsys.readouterr().err
     # Past the first decoding call the summary has a decode rate (tokens after that call, whose time includes
     # its compilation).
     assert main(["sample", "--checkpoint", str(ckpt), "--max-new-tokens", "6", "--quiet", "--ignore-eos",
