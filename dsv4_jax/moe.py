@@ -57,6 +57,10 @@ def expert_ffn(e: Experts, x: jax.Array, weight: jax.Array | None, config: Confi
     h = swiglu(e, x, config, dtype, w4a4)
     if weight is not None:
         h = h * weight[..., None]
+    if jax.default_backend() == "cpu":
+        # Keeps XLA:CPU from fusing the SwiGLU (its exp) into w2's product, where the fused loop's
+        # vectorisation, and so the last bit of a row, changed with the number of rows (see quant.matmul).
+        h = jax.lax.optimization_barrier(h)
     return _linear(h.astype(dtype), e.w2, dtype, w4a4)
 
 

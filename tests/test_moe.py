@@ -128,3 +128,15 @@ def test_numerics_w4a4_reaches_the_model():
     a = np.asarray(d.forward(MODEL, tokens))
     b = np.asarray(d.forward(dataclasses.replace(MODEL, numerics=d.Numerics(w4a4=True)), tokens))
     assert np.isfinite(b).all() and np.abs(a - b).max() > 1e-2 * np.abs(a).max()
+
+
+def test_an_expert_row_does_not_depend_on_its_batch_on_the_cpu():
+    """float32 on the CPU: a row of one expert (SwiGLU, routing weight, w2) has the same bits whether 30 or 90
+    rows share the call; fused into w2's product the SwiGLU changed a row's last bit with the row count, which
+    the model's FP8/FP4 simulations then grew into visible decode-vs-forward differences."""
+    r = np.random.default_rng()
+    e = moe._slice(MODEL.params.layers[3].ffn.experts, int(r.integers(C.n_routed_experts)))
+    x = jnp.asarray(r.standard_normal((90, C.hidden_size)), jnp.float32)
+    w = jnp.asarray(r.random(90), jnp.float32)
+    f = jax.jit(lambda x, w: moe.expert_ffn(e, x, w, C, jnp.float32))
+    np.testing.assert_array_equal(np.asarray(f(x, w))[60:], np.asarray(f(x[60:], w[60:])))
