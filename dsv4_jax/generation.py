@@ -16,7 +16,7 @@ import numpy as np
 
 from .cache import Cache, init_cache
 from .model import Model, _head, check_vocab, run_blocks, token_matrix
-from .sampling import SamplingParams, _sample, sample, sampling_args
+from .sampling import SamplingParams, _is_int, _sample, sample, sampling_args
 
 
 def _step_fn(model: Model, cache: Cache, tokens: jax.Array, n: jax.Array, last_only: bool):
@@ -215,8 +215,9 @@ def generate_stream(model: Model, prompts, params: SamplingParams | None = None,
     tokens are checked on the device, stop strings here, so a sequence that hits a stop string may compute up
     to ``2 * steps_per_call - 1`` more tokens, which are dropped. ``steps_per_call=1`` yields after every
     step. The tokens do not depend on it."""
-    if not isinstance(steps_per_call, int) or steps_per_call < 1:
+    if not _is_int(steps_per_call) or steps_per_call < 1:
         raise ValueError(f"steps_per_call must be a positive integer, got {steps_per_call!r}")
+    steps_per_call = int(steps_per_call)
     params = dataclasses.replace(params or SamplingParams(), **kwargs)
     ids, max_len, stopper = _prepare(model, prompts, params, tokenizer, max_len)
     b = len(ids)

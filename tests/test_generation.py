@@ -156,13 +156,14 @@ def test_device_decode_loop_equals_one_step_at_a_time(opts):
     stop = free[1][4]
     want = _one_step_at_a_time(MODEL, prompts, 11, stop_ids=(stop,), **opts)
     assert len(want[1]) < 11
-    for spc in ((1, 8) if not opts else (3,)):
+    for spc in ((1, np.int64(8)) if not opts else (3,)):  # a NumPy integer is an integer
         # An id beyond the vocabulary (and int32) never matches.
         got = generate(MODEL, prompts, max_new_tokens=11, ignore_eos=True, stop_token_ids=(stop, 2**40),
                        steps_per_call=spc, **opts)
         assert got == want, spc
-    with pytest.raises(ValueError, match="steps_per_call"):
-        generate(MODEL, prompts, max_new_tokens=2, steps_per_call=0)
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match="steps_per_call"):
+            generate(MODEL, prompts, max_new_tokens=2, steps_per_call=bad)
 
 
 def test_sampling_filters():
