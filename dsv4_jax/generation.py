@@ -53,9 +53,9 @@ def prefill(model: Model, tokens, *, max_len: int, lengths=None, chunk: int = 51
 
     ``tokens [B, T]`` holds the prompts left-aligned; ``lengths [B]`` (default ``T``) their lengths, so a batch
     may mix lengths (positions beyond a row's length are ignored, whatever ids they hold, and their logits are
-    0). Long prompts are
-    processed in chunks of ``chunk`` tokens (one compiled program per chunk shape). Returns float32 logits
-    ``[B, T, V]`` (``[B, V]`` at each prompt's last token with ``last_only``) and the cache."""
+    0). Long prompts are processed in chunks of ``chunk`` tokens (one compiled program per chunk shape).
+    Returns float32 logits ``[B, T, V]`` (``[B, V]`` at each prompt's last token with ``last_only``) and the
+    cache."""
     if lengths is not None:
         lengths = np.asarray(lengths, np.int64).reshape(-1)
     tokens = _as_tokens(model, tokens, lengths)

@@ -52,12 +52,12 @@ class AttnConfig:
 
 def default_config(t: int, h: int, r: int, batch: int, k: int = 0) -> AttnConfig:
     """Decode (``t == 1``): whole tokens' heads per block (64 rows, 8 warps; 32 rows x 4 warps where the rows
-    are not split) once the batch alone gives ~128 programs, else 16 query rows x 4 warps (more programs, a quarter of the fp32 accumulator); the rows (or the
-    ``k`` selected indices) are split until about one wave of 132 programs, at least 2 row blocks (1 selected
-    block) per split (the partial accumulators are ``splits x H x d`` fp32). Prefill: 64 query rows (one token's
-    heads at H = 64; 16 with a selection and fewer heads, bounding the gathered block), 8 warps (the fp32
-    accumulator is ``64 x 512``). Chosen with ``scripts/bench_attention.py --sweep`` / ``--sweep-decode B`` on
-    an H200 (BENCHMARKS.md)."""
+    are not split) once the batch alone gives ~128 programs, else 16 query rows x 4 warps (more programs, a
+    quarter of the fp32 accumulator); the rows (or the ``k`` selected indices) are split until about one wave
+    of 132 programs, at least 2 row blocks (1 selected block) per split (the partial accumulators are
+    ``splits x H x d`` fp32). Prefill: 64 query rows (one token's heads at H = 64; 16 with a selection and
+    fewer heads, bounding the gathered block), 8 warps (the fp32 accumulator is ``64 x 512``). Chosen with
+    ``scripts/bench_attention.py --sweep`` / ``--sweep-decode B`` on an H200 (BENCHMARKS.md)."""
     if t == 1:
         hp = pl.next_power_of_2(h)
         bk = 64
