@@ -57,7 +57,9 @@ def _expert_mesh(n: int):
     from jax.sharding import Mesh
 
     devices = jax.devices()
-    if n < 0 or n > len(devices):
+    if n < 0:
+        raise ValueError(f"--expert-parallel {n}: give a number of devices >= 1, or 0 for all")
+    if n > len(devices):
         raise ValueError(f"--expert-parallel {n}: there are {len(devices)} {devices[0].platform} device(s)")
     n = n or len(devices)
     return None if n == 1 else Mesh(np.array(devices[:n]), ("expert",))
@@ -74,6 +76,7 @@ def _sample(args) -> int:
     params.validate()
     if args.steps_per_call < 1:
         raise ValueError(f"--steps-per-call must be at least 1, got {args.steps_per_call}")
+    mesh = _expert_mesh(args.expert_parallel)  # refused before the embedded model is written or read
     if args.compile_cache:
         use_compilation_cache()
     if args.checkpoint is None:
@@ -90,7 +93,7 @@ def _sample(args) -> int:
         messages.append({"role": "user", "content": args.chat})
         text = encode_chat(messages, thinking=args.thinking)
     ids = tokenizer.encode(text)
-    model = load_model(path, dtype=args.dtype, mesh=_expert_mesh(args.expert_parallel), progress=not args.quiet)
+    model = load_model(path, dtype=args.dtype, mesh=mesh, progress=not args.quiet)
     if ids and max(ids) >= model.config.vocab_size:
         raise ValueError(f"the prompt has token ids up to {max(ids)} but the model's vocabulary has "
                          f"{model.config.vocab_size} entries: put the matching tokenizer.json in {path}")

@@ -36,7 +36,13 @@ def leaf_sharding(path: Sequence, mesh: Mesh | None) -> jax.sharding.Sharding:
 
 
 def check_mesh(mesh: Mesh | None, n_routed_experts: int) -> None:
-    """The expert axis must divide the number of routed experts."""
+    """A mesh must have an ``"expert"`` axis (without one nothing would be sharded, silently), and that axis
+    must divide the number of routed experts."""
+    if mesh is not None and EXPERT_AXIS not in mesh.axis_names:
+        raise ValueError(
+            f"the mesh has axes {tuple(mesh.axis_names)} but no {EXPERT_AXIS!r} axis to shard the routed experts "
+            f"over (pass mesh=None for one device)"
+        )
     k = expert_shards(mesh)
     if n_routed_experts % k:
         raise ValueError(

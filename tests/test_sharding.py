@@ -50,6 +50,12 @@ _SCRIPT = textwrap.dedent("""
         q = kernels.prepare_weights(sharded.params).layers[3].ffn.experts.w1.qweight
         assert q.sharding.spec == jax.sharding.PartitionSpec("expert"), q.sharding
         assert {s.data.shape[0] for s in q.addressable_shards} == {8 // mesh.shape["expert"]}
+    # A mesh without an "expert" axis would shard nothing: refused, naming the axes.
+    try:
+        d.random_model(config, seed=1).on_mesh(Mesh(np.array(jax.devices()), ("experts",)))
+        raise AssertionError("a mesh without an 'expert' axis was accepted")
+    except ValueError as e:
+        assert "no 'expert' axis" in str(e) and "('experts',)" in str(e), e
     # Incremental decoding on the mesh equals the whole forward; greedy generation equals one device's
     # (float32, where the psum's order of addition cannot flip a token).
     single = d.random_model(config, seed=1, dtype="float32")
@@ -81,6 +87,16 @@ _SCRIPT = textwrap.dedent("""
     with contextlib.redirect_stderr(err):
         assert main(["sample", "--checkpoint", ckpt, "--expert-parallel", "3", "--quiet", "--no-compile-cache"]) == 2
     assert "does not divide" in err.getvalue(), err.getvalue()
+    for n, msg in (("5", "there are 4 cpu device(s)"), ("-1", ">= 1, or 0 for all")):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            assert main(["sample", "--checkpoint", ckpt, "--expert-parallel", n, "--quiet"]) == 2
+        assert msg in err.getvalue(), err.getvalue()
+    try:
+        d.load_model(ckpt, mesh=Mesh(np.array(jax.devices()), ("data",)), progress=False)
+        raise AssertionError("load_model accepted a mesh without an 'expert' axis")
+    except ValueError as e:
+        assert "no 'expert' axis" in str(e), e
     print("ok")
 """)
 
