@@ -41,7 +41,7 @@ def _as_tokens(model: Model, tokens, lengths: np.ndarray | None = None) -> np.nd
     """Host int32 ``[batch, time]`` token ids, each in the model's vocabulary; with ``lengths [batch]`` only a
     row's first ``lengths[b]`` ids are checked and the padding after them becomes 0 (any id may pad)."""
     a = np.asarray(token_matrix(tokens))
-    if lengths is not None and lengths.shape == a.shape[:1]:
+    if lengths is not None:
         a = np.where(np.arange(a.shape[1])[None, :] < lengths[:, None], a, 0)
     check_vocab(model, a)
     return a.astype(np.int32)
@@ -56,15 +56,14 @@ def prefill(model: Model, tokens, *, max_len: int, lengths=None, chunk: int = 51
     0). Long prompts are processed in chunks of ``chunk`` tokens (one compiled program per chunk shape).
     Returns float32 logits ``[B, T, V]`` (``[B, V]`` at each prompt's last token with ``last_only``) and the
     cache."""
-    if lengths is not None:
-        lengths = np.asarray(lengths, np.int64).reshape(-1)
-    tokens = _as_tokens(model, tokens, lengths)
+    tokens = token_matrix(tokens)
     b, t = tokens.shape
-    lengths = np.full((b,), t, np.int64) if lengths is None else lengths
+    lengths = np.full((b,), t, np.int64) if lengths is None else np.asarray(lengths, np.int64).reshape(-1)
     if lengths.shape != (b,):
         raise ValueError(f"lengths must have one entry per prompt ({b}), got shape {lengths.shape}")
     if t == 0 or lengths.min() < 1 or lengths.max() > t:
         raise ValueError(f"every prompt needs between 1 and {t} tokens, got lengths {lengths.tolist()}")
+    tokens = _as_tokens(model, tokens, lengths)
     if lengths.max() > max_len:
         raise ValueError(f"a prompt of {int(lengths.max())} tokens does not fit in a cache of max_len = {max_len}")
     if chunk < 1:
