@@ -2,9 +2,10 @@
 pure-JAX references (``dsv4_jax.indexer``).
 
 Scoring: ``score[b, t, c] = sum_h w[b, t, h] * ReLU(q[b, t, h] . K[b, c])`` rounded to bf16 (§7.4), rows that
-are not yet eligible (``c >= (pos + 1) // ratio``) set to -inf. One program scores ``bt`` query tokens
-(``bt * H_I`` rows of one bf16 matmul) against ``nk`` blocks of ``bk`` index rows, skipping (writing -inf for)
-the blocks no token of the program may see yet; ``bt = 1`` for decode, larger in prefill.
+are not yet eligible (``c >= (pos + 1) // ratio``) set to -inf. One program scores ``bt`` query tokens against
+``nk`` blocks of ``bk`` index rows, skipping (writing -inf for) the blocks no token of the program may see yet;
+``bt = 1`` for decode, larger in prefill. Each product is ``[bk rows, d_I] x [d_I, H_I heads]``: the heads lie
+on the matmul's N axis, so the weighted head sum stays inside each thread and its quad.
 
 Selection (exact, ties to the lower row index as ``lax.top_k``): bf16 scores map to 16-bit keys whose integer
 order is the float total order (-inf and padding: key -1, never counted). A radix search finds the k-th largest
@@ -14,7 +15,8 @@ previous passes' counts (a few hundred integers), so no XLA step runs between pa
 per chunk, the keys above ``tau`` and the ties with it (``count(>= tau + 1)`` is a candidate of the last pass
 whose digit is not all ones), so a last pass writes the selected row indices, ascending, straight to their
 slots: keys above ``tau`` and ties in index order (in-block cumulative sums, chunk offsets from prefix sums of
-the counts). ``16 / bits + 1`` launches over the bf16 scores, no sort, no mask.
+the counts). ``16 / bits + 1`` launches over the bf16 scores, no sort, no mask; a row's columns past its
+eligible count (the causal tail of a prefill) are not read.
 """
 
 from __future__ import annotations
@@ -44,15 +46,19 @@ class IndexConfig:
     bs: int = 1024
     bits: int = 4
     num_warps: int = 4
+    num_stages: int = 2
 
 
-def default_config(t: int, r: int) -> IndexConfig:
-    """Decode scores one token per program and counts in small chunks (many programs for one row); prefill
-    scores two tokens per program (128 matmul rows at 64 heads)."""
+def default_config(t: int, r: int, batch: int = 1) -> IndexConfig:
+    """Decode scores one token per program (64 key rows x 8 blocks) and counts in chunks of 1024-4096 scores
+    (about 256 chunks over the batch); prefill scores two tokens per program (2 x 64 heads on the matmul's N
+    axis, 16 blocks of 128 key rows). Chosen with ``scripts/bench_attention.py --sweep-indexer`` on an H200
+    (BENCHMARKS.md)."""
     bs = min(1024, pl.next_power_of_2(max(r, 16)))
     if t == 1:
-        chunk = max(bs, min(2048, pl.next_power_of_2(r)))
-        return IndexConfig(bt=1, bk=128, nk=4, chunk=chunk, bs=min(bs, 512))
+        chunk = max(min(bs, 512), min(4096, max(1024, pl.next_power_of_2(pl.cdiv(batch * r, 256))),
+                                      pl.next_power_of_2(r)))
+        return IndexConfig(bt=1, bk=64, nk=8, chunk=chunk, bs=min(bs, 512))
     return IndexConfig(bt=2, bk=128, nk=16, chunk=max(bs, min(8192, pl.next_power_of_2(r))), bs=bs)
 
 
@@ -90,14 +96,15 @@ def indices_to_mask(idx: jax.Array, r: int) -> jax.Array:
 def _score_kernel(pos0_ref, q_ref, w_ref, k_ref, o_ref, *, t: int, h: int, r: int, ratio: int, cfg: IndexConfig):
     b, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bt, bk = cfg.bt, cfg.bk
-    rid = i * bt * h + jax.lax.broadcasted_iota(jnp.int32, (bt * h,), 0)
-    q = plt.load(q_ref.at[b, pl.ds(i * bt * h, bt * h), :], mask=(rid < t * h)[:, None], other=0.0)
-    wt = plt.load(w_ref.at[b, pl.ds(i * bt * h, bt * h)], mask=rid < t * h, other=0.0)
     tok = i * bt + jax.lax.broadcasted_iota(jnp.int32, (bt,), 0)
-    lim = (pos0_ref[b] + tok + 1) // ratio
     lim_max = jnp.minimum((pos0_ref[b] + jnp.minimum(i * bt + bt - 1, t - 1) + 1) // ratio, r)
     base = j * cfg.nk * bk
     n_eff = jnp.minimum(jnp.maximum(pl.cdiv(lim_max - base, bk), 0), cfg.nk)  # blocks some token may see
+    # Key rows on the matmul's M axis, one token's heads on N: the head sum is a row sum inside each thread's
+    # registers and its quad. (Heads on M, as one [bt * H, bk] product, sum across warps: 1.5-1.8x slower.)
+    toks = [i * bt + u for u in range(bt)]
+    qs = [plt.load(q_ref.at[b, pl.ds(jnp.minimum(tk, t - 1) * h, h), :]) for tk in toks]
+    ws = [plt.load(w_ref.at[b, pl.ds(jnp.minimum(tk, t - 1) * h, h)]) for tk in toks]
 
     def store(off, c, s):
         plt.store(o_ref.at[b, pl.ds(i * bt, bt), pl.ds(off, bk)], s.astype(o_ref.dtype),
@@ -107,10 +114,12 @@ def _score_kernel(pos0_ref, q_ref, w_ref, k_ref, o_ref, *, t: int, h: int, r: in
         off = base + kb * bk
         c = off + jax.lax.broadcasted_iota(jnp.int32, (bk,), 0)
         k = plt.load(k_ref.at[b, pl.ds(off, bk), :], mask=(c < r)[:, None], other=0.0)
-        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        s = jnp.maximum(s, 0.0) * wt[:, None]
-        s = jnp.sum(s.reshape(bt, h, bk), axis=1) if bt > 1 else jnp.sum(s, axis=0, keepdims=True)
-        store(off, c, jnp.where(c[None, :] < lim[:, None], s.astype(o_ref.dtype), -jnp.inf))
+        for tk, qt, wk in zip(toks, qs, ws):
+            s = jax.lax.dot_general(k, qt, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            s = jnp.sum(jnp.maximum(s, 0.0) * wk[None, :], axis=1)
+            s = jnp.where(c < (pos0_ref[b] + tk + 1) // ratio, s.astype(o_ref.dtype), -jnp.inf)
+            plt.store(o_ref.at[b, jnp.minimum(tk, t - 1), pl.ds(off, bk)], s.astype(o_ref.dtype),
+                      mask=(c < r) & (tk < t))
         return carry
 
     def fill(kb, carry):
@@ -134,7 +143,7 @@ def index_scores_kernel(q: jax.Array, w: jax.Array, keys: jax.Array, pos0: jax.A
     return pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((b, t, r), jnp.bfloat16),
         grid=(b, pl.cdiv(t, cfg.bt), pl.cdiv(r, cfg.bk * cfg.nk)), interpret=interpret, name="indexer_scores",
-        compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=2),
+        compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
     )(pos0.astype(jnp.int32), q.reshape(b, t * h, d).astype(jnp.bfloat16), w.reshape(b, t * h).astype(jnp.float32),
       keys.astype(jnp.bfloat16))
 
@@ -170,26 +179,33 @@ def _radix_state(n, prev_refs, top_k: int, bits: int, n_c: int):
     return tau, ge, gt
 
 
-def _count_kernel(s_ref, *refs, r: int, top_k: int, shift: int, n_c: int, cfg: IndexConfig):
+def _count_kernel(s_ref, lim_ref, *refs, r: int, top_k: int, shift: int, n_c: int, cfg: IndexConfig):
     *prev_refs, o_ref = refs
     n, c = pl.program_id(0), pl.program_id(1)
     nc = 1 << cfg.bits
     tau = _radix_state(n, prev_refs, top_k, cfg.bits, n_c)[0] if prev_refs else jnp.int32(0)
     cand = tau + (jax.lax.broadcasted_iota(jnp.int32, (nc,), 0) << shift)
+    lim = jnp.minimum(lim_ref[n], r)  # columns past it are -inf: not read
 
     def body(i, cnt):
         off = c * cfg.chunk + i * cfg.bs
         col = off + jax.lax.broadcasted_iota(jnp.int32, (cfg.bs,), 0)
-        kk = _keys(plt.load(s_ref.at[n, pl.ds(off, cfg.bs)], mask=col < r, other=-jnp.inf), col < r)
+        kk = _keys(plt.load(s_ref.at[n, pl.ds(off, cfg.bs)], mask=col < lim, other=-jnp.inf), col < lim)
         return cnt + jnp.sum((kk[None, :] >= cand[:, None]).astype(jnp.int32), axis=1)
 
-    cnt = jax.lax.fori_loop(0, cfg.chunk // cfg.bs, body, jnp.zeros((nc,), jnp.int32))
+    cnt = jax.lax.fori_loop(0, _blocks(lim, c, cfg), body, jnp.zeros((nc,), jnp.int32))
     o_ref[n, c, :] = cnt
 
 
-def _write_kernel(s_ref, *refs, r: int, top_k: int, n_c: int, cfg: IndexConfig):
+def _blocks(lim, c, cfg: IndexConfig):
+    """Blocks of ``bs`` columns of chunk ``c`` before the limit."""
+    return jnp.minimum(jnp.maximum(pl.cdiv(lim - c * cfg.chunk, cfg.bs), 0), cfg.chunk // cfg.bs)
+
+
+def _write_kernel(s_ref, lim_ref, *refs, r: int, top_k: int, n_c: int, cfg: IndexConfig):
     *prev_refs, o_ref = refs
     n, c = pl.program_id(0), pl.program_id(1)
+    lim = jnp.minimum(lim_ref[n], r)
     tau, ge, gt = _radix_state(n, prev_refs, top_k, cfg.bits, n_c)
     ci = jax.lax.broadcasted_iota(jnp.int32, ge.shape, 0)
     ties = ge - gt
@@ -205,7 +221,7 @@ def _write_kernel(s_ref, *refs, r: int, top_k: int, n_c: int, cfg: IndexConfig):
         run_tie, run_sel = carry
         off = c * cfg.chunk + i * cfg.bs
         col = off + lane
-        kk = _keys(plt.load(s_ref.at[n, pl.ds(off, cfg.bs)], mask=col < r, other=-jnp.inf), col < r)
+        kk = _keys(plt.load(s_ref.at[n, pl.ds(off, cfg.bs)], mask=col < lim, other=-jnp.inf), col < lim)
         tie = (kk == tau).astype(jnp.int32)
         sel = ((kk > tau) | ((tie > 0) & (run_tie + jnp.cumsum(tie) <= need))).astype(jnp.int32)
         slot = run_sel + jnp.cumsum(sel) - 1
@@ -214,7 +230,7 @@ def _write_kernel(s_ref, *refs, r: int, top_k: int, n_c: int, cfg: IndexConfig):
         return run_tie + jnp.sum(tie), run_sel + jnp.sum(sel)
 
     start = (jnp.sum(jnp.where(here, tie0, 0)), jnp.sum(jnp.where(here, sel0, 0)))
-    jax.lax.fori_loop(0, cfg.chunk // cfg.bs, body, start)
+    jax.lax.fori_loop(0, _blocks(lim, c, cfg), body, start)
 
     def pad(i, carry):  # chunk 0 writes -1 into the slots past the last selected row
         slot = i * cfg.bs + lane
@@ -226,14 +242,17 @@ def _write_kernel(s_ref, *refs, r: int, top_k: int, n_c: int, cfg: IndexConfig):
 
 
 @functools.partial(jax.jit, static_argnames=("top_k", "cfg", "interpret"))
-def topk_indices(scores: jax.Array, *, top_k: int, cfg: IndexConfig, interpret: bool = False) -> jax.Array:
+def topk_indices(scores: jax.Array, limit: jax.Array | None = None, *, top_k: int, cfg: IndexConfig,
+                 interpret: bool = False) -> jax.Array:
     """Exact top-k of each row of ``scores [N, R]`` (bf16 values; -inf = ineligible, never selected), ties to
     the lower index -> ascending row indices ``[N, top_k]`` int32, padded with -1 where a row has fewer than
-    ``top_k`` finite scores."""
+    ``top_k`` finite scores. ``limit [N]`` (optional): row ``n``'s columns from ``limit[n]`` on are taken as
+    -inf without being read (the causal tail of a prefill's scores)."""
     n, r = scores.shape
     if 16 % cfg.bits or cfg.chunk % cfg.bs:
         raise ValueError(f"bits={cfg.bits} must divide 16 and bs={cfg.bs} the chunk {cfg.chunk}")
     scores = scores.astype(jnp.bfloat16)
+    limit = jnp.full((n,), r, jnp.int32) if limit is None else jnp.asarray(limit, jnp.int32).reshape(n)
     n_c = pl.cdiv(r, cfg.chunk)
     cp = max(2, pl.next_power_of_2(n_c))
     params = plt.CompilerParams(num_warps=cfg.num_warps, num_stages=2)
@@ -242,11 +261,11 @@ def topk_indices(scores: jax.Array, *, top_k: int, cfg: IndexConfig, interpret: 
         kernel = functools.partial(_count_kernel, r=r, top_k=top_k, shift=shift, n_c=n_c, cfg=cfg)
         counts.append(pl.pallas_call(
             kernel, out_shape=jax.ShapeDtypeStruct((n, cp, 1 << cfg.bits), jnp.int32), grid=(n, n_c),
-            interpret=interpret, name="topk_count", compiler_params=params)(scores, *counts))
+            interpret=interpret, name="topk_count", compiler_params=params)(scores, limit, *counts))
     idx = pl.pallas_call(
         functools.partial(_write_kernel, r=r, top_k=top_k, n_c=n_c, cfg=cfg),
         out_shape=jax.ShapeDtypeStruct((n, top_k + cfg.bs), jnp.int32), grid=(n, n_c), interpret=interpret,
-        name="topk_write", compiler_params=params)(scores, *counts)
+        name="topk_write", compiler_params=params)(scores, limit, *counts)
     return idx[:, :top_k]
 
 
@@ -262,18 +281,19 @@ def index_select(q: jax.Array, w: jax.Array, keys: jax.Array, pos0: jax.Array, *
     scores and selects that many tokens at a time (bounds the ``[T, R]`` score buffer). A head count ``H_I``
     that is not a power of two is padded with heads of zero weight."""
     b, t, h, _ = q.shape
-    if h & (h - 1):  # Triton tiles are powers of two: extra heads with zero queries and weights add nothing
-        hp = pl.next_power_of_2(h)
+    hp = max(16, pl.next_power_of_2(h))
+    if hp != h:  # Triton tiles are powers of two, a dot's side >= 16: extra heads of zero weight add nothing
         q = jnp.pad(q, ((0, 0), (0, 0), (0, hp - h), (0, 0)))
         w = jnp.pad(w, ((0, 0), (0, 0), (0, hp - h)))
     r = keys.shape[1]
-    cfg = config or default_config(t, r)
+    cfg = config or default_config(t, r, b)
     tb = t if query_block <= 0 else min(query_block, t)
     out = []
     for t0 in range(0, t, tb):
         s = index_scores_kernel(q[:, t0:t0 + tb], w[:, t0:t0 + tb], keys, pos0 + t0, ratio=ratio, cfg=cfg,
                                 interpret=interpret)
         tt = s.shape[1]
-        out.append(topk_indices(s.reshape(b * tt, r), top_k=top_k, cfg=cfg, interpret=interpret)
-                   .reshape(b, tt, top_k))
+        lim = (pos0[:, None] + t0 + jnp.arange(tt) + 1) // ratio  # the eligible rows of each token
+        out.append(topk_indices(s.reshape(b * tt, r), lim.reshape(b * tt), top_k=top_k, cfg=cfg,
+                                interpret=interpret).reshape(b, tt, top_k))
     return out[0] if len(out) == 1 else jnp.concatenate(out, axis=1)

@@ -9,7 +9,7 @@ must be done) are set against ceilings measured in the same run (a 4 GiB ``jnp.s
 ``jnp.dot``). ``--sweep`` first times a few tile choices of each kernel. Prints markdown tables.
 
     PYTHONPATH=. python scripts/bench_attention.py [--batch 1,32] [--decode 8192,131072,1048576]
-        [--prefill 8192,32768,131072] [--reference-max 8192] [--sweep]
+        [--prefill 8192,32768,131072] [--reference-max 8192] [--sweep] [--sweep-decode B] [--sweep-indexer]
 """
 
 from __future__ import annotations
@@ -184,6 +184,77 @@ def sweep(key, mm: float, bw: float):
     sweep_decode(key, bw, 1, [1 << 20])
 
 
+def sweep_indexer(key, mm: float, bw: float):
+    """Tile choices of the indexer (scoring tiles; ``bits``/``chunk``: the top-k's radix passes): scoring alone and
+    scoring + top-512, prefill at 32K and decode at 1M cached tokens (batches 1 and 32)."""
+    t = 32768
+    print(f"\n## Indexer tiles\n\nPrefill, {t} tokens from position 0 (ms; scoring of all tokens in one call, "
+          "TFLOP/s on the eligible rows; select in query blocks of 2048):\n\n"
+          "| bt | bk | nk | warps | stages | scoring ms | TFLOP/s | + top-512 ms |\n"
+          "|---|---|---|---|---|---|---|---|", flush=True)
+    _, _, _, _, _, iq, iw, ikeys = inputs(key, 1, t, 1, t // 4)
+    pos0 = jnp.zeros((1,), jnp.int32)
+    fl = 2.0 * HI * DI * sum((i + 1) // 4 for i in range(t))
+    base = IX.default_config(t, t // 4)
+    choices = [(base.bt, base.bk, base.nk, base.num_warps, base.num_stages)]
+    choices += [c for c in [(4, 64, 32, 4, 3), (2, 64, 32, 4, 2), (1, 64, 32, 4, 2), (2, 128, 16, 8, 2)]
+                if c not in choices]
+    for bt, bk, nk, nw, ns in choices:
+        cfg = dataclasses.replace(base, bt=bt, bk=bk, nk=nk, num_warps=nw, num_stages=ns)
+        fs = jax.jit(lambda q, w, k, cfg=cfg: IX.index_scores_kernel(q, w, k, pos0, ratio=4, cfg=cfg))
+        fa = jax.jit(lambda *a, cfg=cfg: IX.index_select(*a, pos0, ratio=4, top_k=TOPK, config=cfg, query_block=2048))
+        row = f"| {bt} | {bk} | {nk} | {nw} | {ns} |"
+        try:
+            ks = measure(fs, [(iq, iw, ikeys)], 3)[0]
+            ka = measure(fa, [(iq, iw, ikeys)], 3)[0]
+        except Exception as e:  # noqa: BLE001
+            print(f"{row} {type(e).__name__}: {str(e)[:160]} |", flush=True)
+            continue
+        print(f"{row} {_fmt(ks, 1.0, 2)} | {fl / ks / 1e9 if ks else 0:.0f} | {_fmt(ka, 1.0, 2)} |", flush=True)
+    s = IX.index_scores_kernel(iq[:, -2048:], iw[:, -2048:], ikeys, pos0 + t - 2048, ratio=4, cfg=base)
+    s = s.reshape(2048, -1)
+    lim = (t - 2048 + jnp.arange(2048) + 1) // 4
+    print(f"\nTop-512 alone over the scores of the last 2048 tokens ({s.shape[1]} rows each; ms):\n\n"
+          "| bits | bs | chunk | warps | ms |\n|---|---|---|---|---|", flush=True)
+    for bits, bs, chunk, nw in [(4, 1024, 8192, 4), (4, 512, 2048, 4), (4, 1024, 2048, 4), (4, 1024, 4096, 4),
+                                (2, 1024, 8192, 4), (4, 1024, 8192, 8)]:
+        cfg = dataclasses.replace(base, bits=bits, bs=bs, chunk=chunk, num_warps=nw)
+        f = jax.jit(lambda x, lim, cfg=cfg: IX.topk_indices(x, lim, top_k=TOPK, cfg=cfg))
+        try:
+            k = measure(f, [(s, lim)], 5)[0]
+        except Exception as e:  # noqa: BLE001
+            print(f"| {bits} | {bs} | {chunk} | {nw} | {type(e).__name__}: {str(e)[:160]} |", flush=True)
+            continue
+        print(f"| {bits} | {bs} | {chunk} | {nw} | {_fmt(k, 1.0, 3)} |", flush=True)
+    del s
+    ctx = 1 << 20
+    for b in (1, 32):
+        print(f"\nDecode at {ctx} cached tokens, batch {b} (µs; top-k in blocks of min(chunk, 512)):\n\n"
+              "| bk | nk | warps | bits | chunk | scoring | + top-512 | scoring TB/s |\n|---|---|---|---|---|---|---|---|",
+              flush=True)
+        _, _, _, _, _, iq, iw, ikeys = inputs(key, b, 1, 1, ctx // 4)
+        pos0 = jnp.full((b,), ctx - 1, jnp.int32)
+        base = IX.default_config(1, ctx // 4, b)
+        choices = [(base.bk, base.nk, base.num_warps, base.bits, base.chunk)]
+        choices += [c for c in [(128, 4, 4, 4, 2048), (64, 16, 4, 4, 2048), (64, 8, 4, 4, 1024), (64, 8, 4, 4, 2048),
+                                (64, 8, 4, 4, 4096), (64, 8, 4, 4, 8192), (64, 8, 4, 2, 1024)] if c not in choices]
+        for bk, nk, nw, bits, chunk in choices:
+            cfg = dataclasses.replace(base, bk=bk, nk=nk, num_warps=nw, bits=bits, chunk=chunk,
+                                      bs=min(512, chunk))
+            fs = jax.jit(lambda q, w, k, p, cfg=cfg: IX.index_scores_kernel(q, w, k, p, ratio=4, cfg=cfg))
+            fa = jax.jit(lambda q, w, k, p, cfg=cfg: IX.index_select(q, w, k, p, ratio=4, top_k=TOPK, config=cfg))
+            args = copies((iq, iw, ikeys, pos0), cap=4)
+            row = f"| {bk} | {nk} | {nw} | {bits} | {chunk} |"
+            try:
+                ks, ka = measure(fs, args, 20)[0], measure(fa, args, 20)[0]
+            except Exception as e:  # noqa: BLE001
+                print(f"{row} {type(e).__name__}: {str(e)[:160]} |", flush=True)
+                continue
+            nbytes = b * (ctx // 4) * DI * 2
+            print(f"{row} {_fmt(ks)} | {_fmt(ka)} | {nbytes / (ks * 1e-3) / 1e12 if ks else 0:.2f} |", flush=True)
+            del args
+
+
 def sweep_decode(key, bw: float, b: int, contexts: list[int]):
     """Tile choices of the decode attention kernel alone (CSA with a spread selection, HCA over all rows)."""
     for ctx in contexts:
@@ -226,11 +297,15 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="time a few tile choices first")
     ap.add_argument("--sweep-decode", type=int, default=0, metavar="B",
                     help="only time the decode kernel's tile choices at batch B (at the --decode contexts over 64K)")
+    ap.add_argument("--sweep-indexer", action="store_true", help="only time the indexer's tile choices")
     args = ap.parse_args()
     bw, mm = ceilings()
     print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}; measured ceilings: HBM read {bw:.2f} TB/s, "
           f"bf16 matmul {mm:.0f} TFLOP/s; CUPTI {'on' if extension() else 'off (wall times)'}", flush=True)
     key = jax.random.PRNGKey(0)
+    if args.sweep_indexer:
+        sweep_indexer(key, mm, bw)
+        return
     if args.sweep_decode:
         sweep_decode(key, bw, args.sweep_decode, [int(c) for c in args.decode.split(",") if int(c) > 65536])
         return

@@ -145,7 +145,7 @@ INDEX = [
 
 @pytest.mark.parametrize("b,t,n_rows,k,pos0,cfg,h", [(*c, 16) for c in INDEX] + [(2, 5, 60, 7, [3, 90], None, 5)])
 def test_indexer_selects_reference_rows_interpret(b, t, n_rows, k, pos0, cfg, h):
-    """The last case has 5 heads (padded to 8 inside ``index_select``)."""
+    """The last case has 5 heads (padded to 16 inside ``index_select``)."""
     r = rng(n_rows)
     q, w, keys = _index_inputs(r, b, t, h, 64, n_rows)
     pos0 = jnp.asarray(pos0)
@@ -159,17 +159,22 @@ def test_indexer_selects_reference_rows_interpret(b, t, n_rows, k, pos0, cfg, h)
     assert bool(jnp.all(idx == IX.mask_to_indices(IX.index_select_reference(q, w, keys, positions, 4, k), k)))
 
 
-@pytest.mark.parametrize("k,bits", [(1, 4), (7, 8), (200, 4), (400, 4)])
-def test_topk_indices_equal_lax_top_k_interpret(k, bits):
+@pytest.mark.parametrize("k,bits,limited", [(1, 4, False), (7, 8, False), (200, 4, False), (400, 4, False),
+                                            (7, 4, True), (200, 4, True)])
+def test_topk_indices_equal_lax_top_k_interpret(k, bits, limited):
     """Random bf16 scores with -inf tails, signed zeros and repeated values; ties go to the lower index; rows
-    with fewer finite scores than k (and k > R) are padded with -1."""
+    with fewer finite scores than k (and k > R) are padded with -1. ``limited``: each row's eligible length is
+    passed as ``limit`` and the columns past it hold finite scores, which must be ignored."""
     r = rng(k)
     s = jnp.asarray(r.standard_normal((5, 300)), jnp.bfloat16).astype(jnp.float32)
     s = s.at[:, ::7].set(0.0).at[:, 3::11].set(-0.0).at[:, 5::13].set(1.0)
     positions = jnp.asarray([[1199], [40], [0], [600], [803]])
-    s = jnp.where(jnp.arange(300) < (positions + 1) // 4, s, -jnp.inf)
+    eligible = jnp.arange(300) < (positions + 1) // 4
     cfg = IX.IndexConfig(chunk=128, bs=64, bits=bits)
-    idx = IX.topk_indices(s, top_k=k, cfg=cfg, interpret=True)
+    if limited:
+        idx = IX.topk_indices(s + 10.0 * ~eligible, ((positions + 1) // 4)[:, 0], top_k=k, cfg=cfg, interpret=True)
+    else:
+        idx = IX.topk_indices(jnp.where(eligible, s, -jnp.inf), top_k=k, cfg=cfg, interpret=True)
     assert bool(jnp.all(idx == IX.mask_to_indices(select(s[:, None], positions, 4, k)[:, 0], k)))
 
 
