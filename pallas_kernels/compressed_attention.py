@@ -55,8 +55,9 @@ def default_config(t: int, h: int, r: int, batch: int, k: int = 0) -> AttnConfig
     are not split) once the batch alone gives ~128 programs, else 16 query rows x 4 warps (more programs, a
     quarter of the fp32 accumulator); the rows (or the ``k`` selected indices) are split until about one wave
     of 132 programs, at least 2 row blocks (1 selected block) per split (the partial accumulators are
-    ``splits x H x d`` fp32). Prefill: 64 query rows (one token's heads at H = 64; 16 with a selection and
-    fewer heads, bounding the gathered block), 8 warps (the fp32 accumulator is ``64 x 512``). Chosen with
+    ``splits x H x d`` fp32). Prefill: 64 query rows (one token's heads at H = 64), 8 warps (the fp32
+    accumulator is ``64 x 512``); with a selection 32 rows x 4 warps (16 rows with fewer heads, bounding the
+    gathered block). Chosen with
     ``scripts/bench_attention.py --sweep`` / ``--sweep-decode B`` on an H200 (BENCHMARKS.md)."""
     if t == 1:
         hp = pl.next_power_of_2(h)
@@ -74,8 +75,10 @@ def default_config(t: int, h: int, r: int, batch: int, k: int = 0) -> AttnConfig
             # 64 rows unsplit at t = 1 asks Triton for 256 KB of shared memory (H200: 227 KB; measured)
             bm = 32
         return AttnConfig(bm=bm, bk=bk, splits=split(bm), num_warps=8 if bm == 64 else 4, num_stages=2)
-    bm = max(16, min(64, pl.next_power_of_2(h))) if k else 64
-    return AttnConfig(bm=bm, bk=64, splits=1, num_warps=8, num_stages=2)
+    if k:  # gathered rows: 32 query rows x 4 warps (CSA at 32K: 226 against 215 TFLOP/s for 64 x 8)
+        bm = max(16, min(32, pl.next_power_of_2(h)))
+        return AttnConfig(bm=bm, bk=64, splits=1, num_warps=4, num_stages=2)
+    return AttnConfig(bm=64, bk=64, splits=1, num_warps=8, num_stages=2)
 
 
 def window_keys(kv: jax.Array, ring: jax.Array, pos0: jax.Array) -> tuple[jax.Array, jax.Array]:

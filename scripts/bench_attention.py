@@ -9,7 +9,7 @@ must be done) are set against ceilings measured in the same run (a 4 GiB ``jnp.s
 ``jnp.dot``). ``--sweep`` first times a few tile choices of each kernel. Prints markdown tables.
 
     PYTHONPATH=. python scripts/bench_attention.py [--batch 1,32] [--decode 8192,131072,1048576]
-        [--prefill 8192,32768,131072] [--reference-max 8192] [--sweep] [--sweep-decode B] [--sweep-indexer]
+        [--prefill 8192,32768,131072] [--reference-max 8192] [--sweep] [--sweep-decode B] [--sweep-indexer] [--sweep-prefill]
 """
 
 from __future__ import annotations
@@ -139,14 +139,15 @@ def _fmt(x: float | None, scale: float = 1e3, digits: int = 1) -> str:
     return "-" if x is None else f"{x * scale:.{digits}f}"
 
 
-def sweep(key, mm: float, bw: float):
+def sweep(key, mm: float, bw: float, prefill_only: bool = False):
     """Tile choices of the attention kernel (prefill at 32K, decode at 1M) and the indexer (prefill at 32K)."""
     t = 32768
     print(f"\n## Tile sweep\n\nPrefill attention at {t} tokens (kernel only; CSA with a spread selection):\n\n"
           "| layer | bm | bk | warps | stages | ms | TFLOP/s | % of matmul |\n|---|---|---|---|---|---|---|---|",
           flush=True)
     pos0 = jnp.zeros((1,), jnp.int32)
-    cfgs = [(64, 64, 8, 2), (64, 32, 8, 2), (64, 64, 8, 3), (64, 64, 4, 2), (128, 64, 8, 2), (32, 64, 4, 2)]
+    cfgs = [(64, 64, 8, 2), (64, 64, 16, 2), (64, 32, 16, 3), (64, 32, 16, 2), (64, 32, 8, 2), (32, 64, 4, 2),
+            (128, 64, 16, 2)]
     for kind in ("SWA", "HCA", "CSA"):
         q, kv, ring, rows, sink, *_ = inputs(key, 1, t, t // 128 if kind == "HCA" else t // 4, 1)
         idx = spread_selection(1, t, 0) if kind == "CSA" else None
@@ -166,6 +167,8 @@ def sweep(key, mm: float, bw: float):
             ms = k or wall
             print(f"| {kind} | {bm} | {bk} | {nw} | {ns} | {ms:.2f} | {fl / ms / 1e9:.0f} | "
                   f"{100 * fl / ms / 1e9 / mm:.0f} % |", flush=True)
+    if prefill_only:
+        return
     print("\nIndexer scoring + top-512 at 32768 tokens (query blocks of 2048):\n\n"
           "| bt | nk | warps | ms | scoring TFLOP/s |\n|---|---|---|---|---|", flush=True)
     _, _, _, _, _, iq, iw, ikeys = inputs(key, 1, t, 1, t // 4)
@@ -270,7 +273,7 @@ def sweep_decode(key, bw: float, b: int, contexts: list[int]):
             choices = [(dflt.bm, dflt.num_warps, dflt.splits)]
             choices += [c for c in [(64, 8, 1), (64, 8, 2), (64, 8, 4), (64, 8, 8), (64, 8, 16), (64, 8, 32),
                                     (32, 4, 2), (32, 4, 4), (32, 4, 8), (32, 4, 16), (32, 4, 32), (32, 4, 64),
-                                    (64, 4, 16), (16, 4, 8), (16, 4, 32)]
+                                    (64, 4, 16), (16, 4, 8), (16, 4, 32), (64, 16, 4), (64, 16, 8)]
                         if c not in choices and not (kind == "CSA" and c[2] > 8)]
             for i, (bm, nw, splits) in enumerate(choices):
                 cfg = CA.AttnConfig(bm=bm, bk=64, splits=splits, num_warps=nw)
@@ -298,11 +301,15 @@ def main():
     ap.add_argument("--sweep-decode", type=int, default=0, metavar="B",
                     help="only time the decode kernel's tile choices at batch B (at the --decode contexts over 64K)")
     ap.add_argument("--sweep-indexer", action="store_true", help="only time the indexer's tile choices")
+    ap.add_argument("--sweep-prefill", action="store_true", help="only time the prefill attention's tile choices")
     args = ap.parse_args()
     bw, mm = ceilings()
     print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}; measured ceilings: HBM read {bw:.2f} TB/s, "
           f"bf16 matmul {mm:.0f} TFLOP/s; CUPTI {'on' if extension() else 'off (wall times)'}", flush=True)
     key = jax.random.PRNGKey(0)
+    if args.sweep_prefill:
+        sweep(key, mm, bw, prefill_only=True)
+        return
     if args.sweep_indexer:
         sweep_indexer(key, mm, bw)
         return
