@@ -6,6 +6,10 @@ compiled or run). Needs JAX's private GPU-info hook; skipped where a JAX version
 
 import contextlib
 import dataclasses
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -106,3 +110,16 @@ def test_w4a4_model_lowers_for_gpu():
     model = d.random_model(d.tiny(vocab_size=256), seed=0, kernel_layout=True)
     text = _lowered_step(dataclasses.replace(model, numerics=d.Numerics(w4a4=True)), 1, max_len=64)
     assert "nvfp4_matmul" in text and "nvfp4_moe" not in text
+
+
+def test_inspect_kernels_script_writes_triton_ir(tmp_path):
+    """``scripts/inspect_kernels.py`` (kernel IR for an sm_90 GPU, lowered on the CPU) runs and writes each
+    launch's Triton IR."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "scripts" / "inspect_kernels.py"), "--out", str(tmp_path),
+                          "--only", "fp8"], capture_output=True, text=True, timeout=600, check=False,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| fp8_8192x8192_m1 | fp8_block_matmul |" in out.stdout
+    files = list(tmp_path.glob("fp8_8192x8192_m1_*.ttir"))
+    assert len(files) == 1 and "tt.func" in files[0].read_text()
