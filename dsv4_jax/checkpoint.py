@@ -99,7 +99,8 @@ def read_config(path: Path, layout: weights.Layout) -> tuple[Config, set[str] | 
         announced = weights.config_quantized_set(d["quantization_config"], str(source))
     manifest = path / "hf_quant_config.json"
     if manifest.exists():
-        listed = weights.parse_manifest(_read_json(manifest, BadQuantManifest), str(manifest))
+        m = _read_json(manifest, BadQuantManifest)
+        listed = weights.parse_manifest(m, str(manifest))
         if announced is not None and listed != announced:
             diff = sorted(listed ^ announced)
             warnings.warn(
@@ -108,6 +109,17 @@ def read_config(path: Path, layout: weights.Layout) -> tuple[Config, set[str] | 
                 stacklevel=3,
             )
         announced = listed
+        excluded = m["quantization"].get("exclude_modules")  # parse_manifest checked m["quantization"]
+        ignored = (d.get("quantization_config") or {}).get("ignore")
+        diff = sorted(set(map(str, excluded)) ^ set(map(str, ignored))) if (
+            isinstance(excluded, list) and isinstance(ignored, list)) else []
+        if diff:
+            warnings.warn(
+                f"{manifest}: key 'quantization.exclude_modules' differs from {source}'s "
+                f"'quantization_config.ignore' (e.g. {diff[0]!r})",
+                InconsistentQuantManifest,
+                stacklevel=3,
+            )
     return config, announced
 
 

@@ -342,9 +342,12 @@ def open_shards(directory: str | Path, index: Index) -> dict[str, Shard]:
                 f"it ({len(missing)} such tensor(s))"
             )
         if extra:
+            elsewhere = index.weight_map.get(extra[0])
+            why = (f"lists in {elsewhere} (a tensor held twice)" if elsewhere is not None
+                   else "does not list")
             raise UnexpectedTensor(
-                f"{shard.path}: holds tensor {extra[0]!r}, which {index.path.name} does not "
-                f"list ({len(extra)} such tensor(s))"
+                f"{shard.path}: holds tensor {extra[0]!r}, which {index.path.name} {why} "
+                f"({len(extra)} such tensor(s))"
             )
     if index.total_size is not None:
         payload = sum(t.nbytes for s in shards.values() for t in s.tensors.values())

@@ -264,6 +264,19 @@ def _rewrite_shard(path: Path, name: str, fn):
     return shard.name
 
 
+def _duplicate_into_other_shard(path: Path, name: str):
+    """Copy tensor ``name`` into a second shard without telling the index."""
+    index = json.loads((path / st.INDEX).read_text())
+    home = index["weight_map"][name]
+    other = sorted(set(index["weight_map"].values()) - {home})[0]
+    src, dst = st.Shard(path / home), st.Shard(path / other)
+    tensors = {k: np.array(dst.read(k)) for k in dst.tensors}
+    tensors[name] = np.array(src.read(name))
+    src.close()
+    dst.close()
+    st.write_shard(path / other, tensors.items())
+
+
 def _edit_json(path: Path, fn):
     d_ = json.loads(path.read_text())
     fn(d_)
@@ -390,6 +403,11 @@ CASES = {
         st.UnexpectedTensor,
         r"{file}.*'extra'",
     ),
+    "tensor held by two shards": (
+        lambda p: _duplicate_into_other_shard(p, "norm.weight"),
+        st.UnexpectedTensor,
+        r"{file}.*'norm.weight', which model.safetensors.index.json lists in .* \(a tensor held twice\)",
+    ),
     "tensor of no parameter": (
         lambda p: _rewrite_shard(p, "norm.weight", _setitem("extra", np.ones(3, np.float32))),
         st.UnexpectedTensor,
@@ -484,6 +502,11 @@ WARNINGS = {
         ),
         st.InconsistentQuantManifest,
         r"hf_quant_config.json.*'layers.1.ffn.experts'",
+    ),
+    "exclusion lists disagree": (
+        lambda p: _edit_json(p / "config.json", lambda c: c["quantization_config"]["ignore"].append("mtp.extra")),
+        st.InconsistentQuantManifest,
+        r"hf_quant_config.json: key 'quantization.exclude_modules' differs .*'mtp.extra'",
     ),
 }
 
