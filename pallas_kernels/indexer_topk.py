@@ -279,7 +279,7 @@ def index_select(q: jax.Array, w: jax.Array, keys: jax.Array, pos0: jax.Array, *
     """Kernel path of :func:`index_select_reference` for tokens at ``pos0[b] + t``, as indices: ascending
     ``[B, T, top_k]`` int32 padded with -1 (``mask_to_indices`` of the reference's mask). ``query_block > 0``
     scores and selects that many tokens at a time (bounds the ``[T, R]`` score buffer). A head count ``H_I``
-    that is not a power of two is padded with heads of zero weight."""
+    that is not a power of two of at least 16 is padded with heads of zero weight."""
     b, t, h, _ = q.shape
     hp = max(16, pl.next_power_of_2(h))
     if hp != h:  # Triton tiles are powers of two, a dot's side >= 16: extra heads of zero weight add nothing
