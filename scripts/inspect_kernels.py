@@ -9,14 +9,12 @@ free; speed still needs the GPU (``bench_kernels.py``, ``bench_attention.py``).
     PYTHONPATH=. python scripts/inspect_kernels.py [--out /tmp/kernels] [--only attention,indexer]
         [--triton-python /path/to/venv/bin/python]
 
-Uses JAX internals (the Pallas-Triton lowering hook and the GPU-info override of
-``tests/test_kernels_lowering.py``); a JAX version without them gets a clear error.
+Uses JAX internals (``pallas_kernels.lowering``); a JAX version without them gets a clear error.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
@@ -24,12 +22,12 @@ import sys
 
 import jax
 import jax.numpy as jnp
-from jax import export
 
 from dsv4_jax import quant
 from pallas_kernels import compressed_attention as CA
 from pallas_kernels import fp8_matmul as F8
 from pallas_kernels import indexer_topk as IX
+from pallas_kernels import lowering
 from pallas_kernels import nvfp4_layout as L
 from pallas_kernels import nvfp4_matmul as NM
 from pallas_kernels import nvfp4_moe as MO
@@ -58,36 +56,13 @@ print(json.dumps({"ptxas": info[-1].split(":", 1)[1].strip() if info else r.stde
 """
 
 
-@contextlib.contextmanager
-def _sm90_lowering(sink: list):
-    """Pallas-Triton told it targets an sm_90 GPU, and every Triton module it lowers appended to ``sink``."""
-    try:
-        from jax._src.pallas.triton import pallas_call_registration as reg
-
-        info = reg.gpu_info_lib.GpuInfo(gpu_version=None, arch_name="9.0", compute_capability=90)
-        hook, lower = reg.gpu_info_lib.get_gpu_info, reg.lowering.lower_jaxpr_to_triton_module
-    except (ImportError, AttributeError, TypeError) as e:
-        raise SystemExit(f"this JAX ({jax.__version__}) lacks the Pallas-Triton internals this tool uses: {e}")
-
-    def keep(*args, **kwargs):
-        result = lower(*args, **kwargs)
-        sink.append(result.module.operation.get_asm())
-        return result
-
-    reg.gpu_info_lib.get_gpu_info = lambda: info
-    reg.lowering.lower_jaxpr_to_triton_module = keep
-    try:
-        yield
-    finally:
-        reg.gpu_info_lib.get_gpu_info = hook
-        reg.lowering.lower_jaxpr_to_triton_module = lower
-
-
 def _lower(fn, *args) -> list[str]:
     modules: list[str] = []
-    allow = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-    with _sm90_lowering(modules):
-        export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=allow)(*args)
+    try:
+        with lowering.sm90(modules):
+            lowering.export_for_cuda(fn, *args)
+    except lowering.LoweringUnavailable as e:
+        raise SystemExit(str(e)) from None
     return modules
 
 
@@ -154,8 +129,8 @@ def main():
     args = ap.parse_args()
     only = {g for g in args.only.split(",") if g}
     os.makedirs(args.out, exist_ok=True)
-    print(f"| kernel | launch | tiles | warps / stages | registers, spills (ptxas) | shared bytes |\n|---|---|---|---|---|---|",
-          flush=True)
+    print("| kernel | launch | tiles | warps / stages | registers, spills (ptxas) | shared bytes |\n"
+          "|---|---|---|---|---|---|", flush=True)
     for group, name, cfg, fn, fargs in cases():
         if only and group not in only:
             continue
@@ -169,8 +144,8 @@ def main():
             ns = getattr(cfg, "num_stages", 2) if func not in ("topk_count", "topk_write") else 2
             regs = shared = "-"
             if args.triton_python:
-                r = subprocess.run([args.triton_python, "-c", _COMPILE, path, str(nw), str(ns)], capture_output=True,
-                                   text=True)
+                r = subprocess.run([args.triton_python, "-c", _COMPILE, path, str(nw), str(ns)], check=False,
+                                   capture_output=True, text=True)
                 if r.returncode == 0:
                     info = json.loads(r.stdout.strip().splitlines()[-1])
                     regs, shared = info["ptxas"], info["shared"]

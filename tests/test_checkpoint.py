@@ -268,7 +268,7 @@ def _duplicate_into_other_shard(path: Path, name: str):
     """Copy tensor ``name`` into a second shard without telling the index."""
     index = json.loads((path / st.INDEX).read_text())
     home = index["weight_map"][name]
-    other = sorted(set(index["weight_map"].values()) - {home})[0]
+    other = min(set(index["weight_map"].values()) - {home})
     src, dst = st.Shard(path / home), st.Shard(path / other)
     tensors = {k: np.array(dst.read(k)) for k in dst.tensors}
     tensors[name] = np.array(src.read(name))

@@ -15,12 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import export
 
 import dsv4_jax as d
 from dsv4_jax import kernels
 from dsv4_jax.cache import init_cache
 from dsv4_jax.generation import _step_fn
+from pallas_kernels import lowering
 
 CONFIGS = {
     "tiny": {},
@@ -36,20 +36,14 @@ CONFIGS = {
 @contextlib.contextmanager
 def _lowering_for_gpu():
     """Kernels on, and Pallas-Triton told it targets an sm_90 GPU (no GPU needed to lower)."""
-    try:
-        from jax._src.pallas.triton import pallas_call_registration as reg
-
-        info = reg.gpu_info_lib.GpuInfo(gpu_version=None, arch_name="9.0", compute_capability=90)
-        hook = reg.gpu_info_lib.get_gpu_info
-    except (ImportError, AttributeError, TypeError) as e:
-        pytest.skip(f"this JAX has no GPU-info hook to lower Pallas-Triton without a GPU: {e}")
     on_gpu = kernels.on_gpu
-    reg.gpu_info_lib.get_gpu_info = lambda: info
     kernels.on_gpu = lambda: True
     try:
-        yield
+        with lowering.sm90():
+            yield
+    except lowering.LoweringUnavailable as e:
+        pytest.skip(str(e))
     finally:
-        reg.gpu_info_lib.get_gpu_info = hook
         kernels.on_gpu = on_gpu
 
 
@@ -57,11 +51,9 @@ def _lowered_step(model: d.Model, t: int, max_len: int = 512) -> str:
     """The model's step over ``t`` tokens of 2 sequences (prefill chunk or decode), lowered for an sm_90 GPU:
     its StableHLO text, with the Triton kernels as custom calls named after the kernels."""
     cache = init_cache(model.config, 2, max_len, jnp.bfloat16)
-    step = jax.jit(lambda m, c, tok, n: _step_fn(m, c, tok, n, False))
-    allow = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
     with _lowering_for_gpu():
-        exp = export.export(step, platforms=["cuda"], disabled_checks=allow)(
-            model, cache, jnp.ones((2, t), jnp.int32), jnp.full((2,), t, jnp.int32))
+        exp = lowering.export_for_cuda(lambda m, c, tok, n: _step_fn(m, c, tok, n, False),
+                                       model, cache, jnp.ones((2, t), jnp.int32), jnp.full((2,), t, jnp.int32))
     return exp.mlir_module()
 
 
