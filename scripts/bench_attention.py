@@ -139,15 +139,22 @@ def _fmt(x: float | None, scale: float = 1e3, digits: int = 1) -> str:
     return "-" if x is None else f"{x * scale:.{digits}f}"
 
 
-def sweep(key, mm: float, bw: float, prefill_only: bool = False):
-    """Tile choices of the attention kernel (prefill at 32K, decode at 1M) and the indexer (prefill at 32K)."""
+def sweep(key, mm: float, bw: float):
+    """Tile choices of the attention kernel (prefill at 32K, decode at 1M, batch 1) and of the indexer."""
+    sweep_prefill(key, mm)
+    sweep_indexer(key, mm, bw)
+    sweep_decode(key, bw, 1, [1 << 20])
+
+
+def sweep_prefill(key, mm: float):
+    """Tile choices of the prefill attention kernel at 32K tokens, per layer type."""
     t = 32768
     print(f"\n## Tile sweep\n\nPrefill attention at {t} tokens (kernel only; CSA with a spread selection):\n\n"
           "| layer | bm | bk | warps | stages | ms | TFLOP/s | % of matmul |\n|---|---|---|---|---|---|---|---|",
           flush=True)
     pos0 = jnp.zeros((1,), jnp.int32)
-    cfgs = [(64, 64, 8, 2), (64, 64, 16, 2), (64, 32, 16, 3), (64, 32, 16, 2), (64, 32, 8, 2), (32, 64, 4, 2),
-            (128, 64, 16, 2)]
+    # (bm = 128 and 3 stages do not fit in shared memory; 16 warps measured 2-4x slower, BENCHMARKS.md)
+    cfgs = [(64, 64, 8, 2), (64, 32, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (64, 64, 16, 2)]
     for kind in ("SWA", "HCA", "CSA"):
         q, kv, ring, rows, sink, *_ = inputs(key, 1, t, t // 128 if kind == "HCA" else t // 4, 1)
         idx = spread_selection(1, t, 0) if kind == "CSA" else None
@@ -167,24 +174,6 @@ def sweep(key, mm: float, bw: float, prefill_only: bool = False):
             ms = k or wall
             print(f"| {kind} | {bm} | {bk} | {nw} | {ns} | {ms:.2f} | {fl / ms / 1e9:.0f} | "
                   f"{100 * fl / ms / 1e9 / mm:.0f} % |", flush=True)
-    if prefill_only:
-        return
-    print("\nIndexer scoring + top-512 at 32768 tokens (query blocks of 2048):\n\n"
-          "| bt | nk | warps | ms | scoring TFLOP/s |\n|---|---|---|---|---|", flush=True)
-    _, _, _, _, _, iq, iw, ikeys = inputs(key, 1, t, 1, t // 4)
-    fl = 2.0 * HI * DI * sum((i + 1) // 4 for i in range(t))
-    for bt, nk, nw in [(2, 8, 4), (2, 8, 8), (4, 8, 8), (2, 16, 4)]:
-        cfg = dataclasses.replace(IX.default_config(t, t // 4), bt=bt, nk=nk, num_warps=nw)
-        f = jax.jit(lambda *a, cfg=cfg: IX.index_select(*a, pos0, ratio=4, top_k=TOPK, config=cfg,
-                                                            query_block=2048))
-        try:
-            k, wall = measure(f, [(iq, iw, ikeys)], 3)
-        except Exception as e:  # noqa: BLE001
-            print(f"| {bt} | {nk} | {nw} | {type(e).__name__}: {str(e)[:120]} |", flush=True)
-            continue
-        ms = k or wall
-        print(f"| {bt} | {nk} | {nw} | {ms:.2f} | {fl / ms / 1e9:.0f} |", flush=True)
-    sweep_decode(key, bw, 1, [1 << 20])
 
 
 def sweep_indexer(key, mm: float, bw: float):
@@ -193,8 +182,8 @@ def sweep_indexer(key, mm: float, bw: float):
     t = 32768
     print(f"\n## Indexer tiles\n\nPrefill, {t} tokens from position 0 (ms; scoring of all tokens in one call, "
           "TFLOP/s on the eligible rows; select in query blocks of 2048):\n\n"
-          "| bt | bk | nk | warps | stages | scoring ms | TFLOP/s | + top-512 ms |\n"
-          "|---|---|---|---|---|---|---|---|", flush=True)
+          "| bt | bk | nk | warps | stages | scoring ms | TFLOP/s | % of matmul | + top-512 ms |\n"
+          "|---|---|---|---|---|---|---|---|---|", flush=True)
     _, _, _, _, _, iq, iw, ikeys = inputs(key, 1, t, 1, t // 4)
     pos0 = jnp.zeros((1,), jnp.int32)
     fl = 2.0 * HI * DI * sum((i + 1) // 4 for i in range(t))
@@ -213,7 +202,8 @@ def sweep_indexer(key, mm: float, bw: float):
         except Exception as e:  # noqa: BLE001
             print(f"{row} {type(e).__name__}: {str(e)[:160]} |", flush=True)
             continue
-        print(f"{row} {_fmt(ks, 1.0, 2)} | {fl / ks / 1e9 if ks else 0:.0f} | {_fmt(ka, 1.0, 2)} |", flush=True)
+        rate = fl / ks / 1e9 if ks else 0.0
+        print(f"{row} {_fmt(ks, 1.0, 2)} | {rate:.0f} | {100 * rate / mm:.0f} % | {_fmt(ka, 1.0, 2)} |", flush=True)
     s = IX.index_scores_kernel(iq[:, -2048:], iw[:, -2048:], ikeys, pos0 + t - 2048, ratio=4, cfg=base)
     s = s.reshape(2048, -1)
     lim = (t - 2048 + jnp.arange(2048) + 1) // 4
@@ -233,8 +223,8 @@ def sweep_indexer(key, mm: float, bw: float):
     ctx = 1 << 20
     for b in (1, 32):
         print(f"\nDecode at {ctx} cached tokens, batch {b} (µs; top-k in blocks of min(chunk, 512)):\n\n"
-              "| bk | nk | warps | bits | chunk | scoring | + top-512 | scoring TB/s |\n|---|---|---|---|---|---|---|---|",
-              flush=True)
+              "| bk | nk | warps | bits | chunk | scoring | + top-512 | scoring TB/s | % of HBM read |\n"
+              "|---|---|---|---|---|---|---|---|---|", flush=True)
         _, _, _, _, _, iq, iw, ikeys = inputs(key, b, 1, 1, ctx // 4)
         pos0 = jnp.full((b,), ctx - 1, jnp.int32)
         base = IX.default_config(1, ctx // 4, b)
@@ -254,7 +244,8 @@ def sweep_indexer(key, mm: float, bw: float):
                 print(f"{row} {type(e).__name__}: {str(e)[:160]} |", flush=True)
                 continue
             nbytes = b * (ctx // 4) * DI * 2
-            print(f"{row} {_fmt(ks)} | {_fmt(ka)} | {nbytes / (ks * 1e-3) / 1e12 if ks else 0:.2f} |", flush=True)
+            tbs = nbytes / (ks * 1e-3) / 1e12 if ks else 0.0
+            print(f"{row} {_fmt(ks)} | {_fmt(ka)} | {tbs:.2f} | {100 * tbs / bw:.0f} % |", flush=True)
             del args
 
 
@@ -308,7 +299,7 @@ def main():
           f"bf16 matmul {mm:.0f} TFLOP/s; CUPTI {'on' if extension() else 'off (wall times)'}", flush=True)
     key = jax.random.PRNGKey(0)
     if args.sweep_prefill:
-        sweep(key, mm, bw, prefill_only=True)
+        sweep_prefill(key, mm)
         return
     if args.sweep_indexer:
         sweep_indexer(key, mm, bw)
