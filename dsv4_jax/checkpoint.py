@@ -111,8 +111,8 @@ def read_config(path: Path, layout: weights.Layout) -> tuple[Config, set[str] | 
         announced = listed
         excluded = m["quantization"].get("exclude_modules")  # parse_manifest checked m["quantization"]
         ignored = (d.get("quantization_config") or {}).get("ignore")
-        diff = sorted(set(map(str, excluded)) ^ set(map(str, ignored))) if (
-            isinstance(excluded, list) and isinstance(ignored, list)) else []
+        both = isinstance(excluded, list) and isinstance(ignored, list)
+        diff = sorted(set(map(str, excluded)) ^ set(map(str, ignored))) if both else []
         if diff:
             warnings.warn(
                 f"{manifest}: key 'quantization.exclude_modules' differs from {source}'s "

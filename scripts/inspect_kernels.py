@@ -56,14 +56,14 @@ print(json.dumps({"ptxas": info[-1].split(":", 1)[1].strip() if info else r.stde
 """
 
 
-def _lower(fn, *args) -> list[str]:
-    modules: list[str] = []
+def _lower(fn, *args) -> list[lowering.TritonLaunch]:
+    launches: list[lowering.TritonLaunch] = []
     try:
-        with lowering.sm90(modules):
+        with lowering.sm90(launches):
             lowering.export_for_cuda(fn, *args)
     except lowering.LoweringUnavailable as e:
         raise SystemExit(str(e)) from None
-    return modules
+    return launches
 
 
 def _abstract(shape, dtype):
@@ -92,27 +92,17 @@ def cases():
     cfg = MO.default_config(6)
     yield "moe", "moe_batch1", cfg, lambda x, i, r, a, b, c, cfg=cfg: MO.nvfp4_moe(x, i, r, a, b, c, 10.0, config=cfg), \
         (_abstract((1, 4096), bf), _abstract((1, 6), jnp.int32), _abstract((1, 6), jnp.float32), w13, w2, w13)
-    for kind, ratio, ctx in (("hca", 128, 1 << 20), ("csa", 4, 1 << 20)):
-        r = ctx // ratio
-        k = 512 if kind == "csa" else 0
-        cfg = CA.default_config(1, H, r, 1, k)
-        idx = _abstract((1, 1, 512), jnp.int32) if k else None
-        yield "attention", f"decode_{kind}_1m_b1", cfg, \
-            lambda q, kv, ring, p, s, rows, idx=idx, ratio=ratio, cfg=cfg: CA.compressed_attention(
-                q, kv, ring, p, s, rows, ratio=ratio, config=cfg, idx=None if idx is None else jnp.zeros(
-                    idx.shape, jnp.int32)), \
-            (_abstract((1, 1, H, D), bf), _abstract((1, 1, D), bf), _abstract((1, W, D), bf),
-             _abstract((1,), jnp.int32), _abstract((H,), jnp.float32), _abstract((1, r, D), bf))
-    t = 4096
-    for kind, ratio, k in (("swa", 1, 0), ("hca", 128, 0), ("csa", 4, 512)):
-        r = t // ratio
+    # (name, tokens, compression ratio (0: window only), compressed rows, selected rows)
+    for name, t, ratio, r, k in (("decode_hca_1m_b1", 1, 128, 1 << 13, 0), ("decode_csa_1m_b1", 1, 4, 1 << 18, 512),
+                                 ("prefill_swa_4096", 4096, 0, 0, 0), ("prefill_hca_4096", 4096, 128, 32, 0),
+                                 ("prefill_csa_4096", 4096, 4, 1024, 512)):
         cfg = CA.default_config(t, H, r, 1, k)
-        yield "attention", f"prefill_{kind}_{t}", cfg, \
-            lambda q, kv, ring, p, s, rows, kind=kind, ratio=ratio, k=k, cfg=cfg: CA.compressed_attention(
-                q, kv, ring, p, s, None if kind == "swa" else rows, ratio=ratio, config=cfg,
+        yield "attention", name, cfg, \
+            lambda q, kv, ring, p, s, rows, t=t, ratio=ratio, k=k, cfg=cfg: CA.compressed_attention(
+                q, kv, ring, p, s, rows if ratio else None, ratio=max(ratio, 1), config=cfg,
                 idx=jnp.zeros((1, t, k), jnp.int32) if k else None), \
             (_abstract((1, t, H, D), bf), _abstract((1, t, D), bf), _abstract((1, W, D), bf),
-             _abstract((1,), jnp.int32), _abstract((H,), jnp.float32), _abstract((1, r, D), bf))
+             _abstract((1,), jnp.int32), _abstract((H,), jnp.float32), _abstract((1, max(r, 1), D), bf))
     for t, r in ((1, 1 << 18), (2048, 1 << 15)):
         cfg = IX.default_config(t, r)
         yield "indexer", f"indexer_t{t}_r{r}", cfg, \
@@ -134,14 +124,12 @@ def main():
     for group, name, cfg, fn, fargs in cases():
         if only and group not in only:
             continue
-        for i, text in enumerate(_lower(fn, *fargs)):
-            func = text.split("tt.func", 1)[1].split("@", 1)[1].split("(", 1)[0]
+        for i, launch in enumerate(_lower(fn, *fargs)):
+            func = launch.module.split("tt.func", 1)[1].split("@", 1)[1].split("(", 1)[0]
             path = os.path.join(args.out, f"{name}_{i}_{func}.ttir")
             with open(path, "w") as f:
-                f.write(text)
-            # the tiles that set warps/stages: the kernel's own config where it has them (top-k passes: 2 stages)
-            nw = getattr(cfg, "num_warps", 4)
-            ns = getattr(cfg, "num_stages", 2) if func not in ("topk_count", "topk_write") else 2
+                f.write(launch.module)
+            nw, ns = launch.num_warps, launch.num_stages
             regs = shared = "-"
             if args.triton_python:
                 r = subprocess.run([args.triton_python, "-c", _COMPILE, path, str(nw), str(ns)], check=False,

@@ -34,6 +34,8 @@ def xla_read(p: L.Nvfp4Packed):
     """XLA's own read of the same bytes (row sums of codes and scales): the ceiling outside Pallas."""
     return jnp.sum(p.qweight, axis=1, dtype=jnp.int32).astype(jnp.float32) + jnp.sum(
         p.scale.astype(jnp.float32), axis=1)
+
+
 @jax.jit
 def xla_read32(p: L.Nvfp4Packed):
     """The same read with the bytes viewed as 32-bit words (row sums of words): XLA's fastest reader measured
