@@ -24,14 +24,17 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from dsv4_jax import quant
+from pallas_kernels import fp8_matmul_mgpu
 
 BLOCK = quant.FP8_BLOCK
 
 
 @dataclasses.dataclass(frozen=True)
 class Fp8Config:
-    """Tiles of one launch (``bn`` divides 128); ``method``: ``"pallas"``, ``"xla"`` or ``"dequant_dot"``;
-    ``decode``: ``"convert"`` (Triton's e4m3 -> bf16 conversion) or ``"asm"`` (:func:`decode_e4m3_asm`)."""
+    """Tiles of one launch (``bn`` divides 128); ``method``: ``"pallas"``, ``"xla"``, ``"dequant_dot"`` or
+    ``"mgpu"`` (the Mosaic GPU kernel of :mod:`pallas_kernels.fp8_matmul_mgpu`, Hopper only, split along K
+    by ``split_k``); ``decode``: ``"convert"`` (Triton's e4m3 -> bf16 conversion) or ``"asm"``
+    (:func:`decode_e4m3_asm`)."""
 
     bm: int = 16
     bn: int = 64
@@ -43,11 +46,17 @@ class Fp8Config:
     decode: str = "convert"
 
 
-def default_config(m: int, n: int, k: int) -> Fp8Config:
+def default_config(m: int, n: int, k: int, *, mgpu: bool = True) -> Fp8Config:
     """Per-shape configuration (H200 measurements, BENCHMARKS.md): the XLA formulation where it measured
     faster (M=2..4 with N >= 4096: 8192x8192 26.2 against 30.6 us; M=1 with N <= 1024: wq_a 4.2 against
     5.2 us), else the Pallas kernel split along K to about 256 programs (narrow N: bn 32 and the PTX decoder,
-    wq_a 5.2 against 5.7 us); dequantise + cuBLAS from M=256."""
+    wq_a 5.2 against 5.7 us); dequantise + cuBLAS from M=256. On Hopper the Mosaic GPU kernel where it
+    measured fastest (``mgpu=False``: never): weights of 2^25+ elements at M=1 or 9-16 (8192x8192 M=1: 23.9
+    against 30.4 us; wo_b 8192->4096: 14.7 against 17.1 us), and of 2^26+ elements at M=3-64."""
+    size = n * k
+    if mgpu and (m == 1 or 8 < m <= 16 or (m >= 3 and size >= 2**26)) and size >= 2**25 \
+            and fp8_matmul_mgpu.supported(m, n, k) and fp8_matmul_mgpu.available():
+        return Fp8Config(method="mgpu", split_k=fp8_matmul_mgpu.default_split(n, k))
     if m >= 256:
         return Fp8Config(method="dequant_dot")
     if (1 < m <= 4 and n >= 4096) or (m == 1 and n <= 1024):
@@ -231,6 +240,8 @@ def fp8_matmul(x: jax.Array, w: quant.Fp8Block, out_dtype=jnp.bfloat16, *, confi
         y = fp8_matmul_xla(x2, w, od)
     elif cfg.method == "dequant_dot":
         y = fp8_matmul_dequant_dot(x2, w, od)
+    elif cfg.method == "mgpu":
+        y = fp8_matmul_mgpu.fp8_matmul_mgpu(x2, w, od, split=cfg.split_k, interpret=interpret)
     else:
         y = _pallas(x2, w, od, cfg, interpret)
     return y.reshape(*lead, n)

@@ -28,6 +28,7 @@ from cupti_timing import kernels_of_call, median_kernel_ms, median_wall_ms
 
 from dsv4_jax import quant
 from pallas_kernels import fp8_matmul as F
+from pallas_kernels import fp8_matmul_mgpu as FM
 from pallas_kernels import nvfp4_layout as L
 from pallas_kernels import nvfp4_matmul as NM
 from pallas_kernels import nvfp4_moe as MO
@@ -401,9 +402,17 @@ def bench(copy_tbs, bf16_tf, rows):
             x = jax.random.normal(key, (m, k), jnp.bfloat16)
             it = 15 if m <= 1024 else 5
             fl = 2 * m * n * k
-            meths = [("ours", fp8_ours(tuned("fp8", name, m)), ws, n * k)]
+            cfg = tuned("fp8", name, m) or F.default_config(m, n, k)
+            meths = [(f"ours ({cfg.method})", fp8_ours(cfg), ws, n * k)]
             if m <= 64:
                 meths.append(("xla scale-folded", fp8_xla_form, ws, n * k))
+                if cfg.method != "pallas":
+                    meths.append(("pallas-triton", fp8_ours(F.default_config(m, n, k, mgpu=False)), ws, n * k))
+                if cfg.method != "mgpu" and FM.available() and FM.supported(m, n, k):
+                    meths.append(("mosaic-gpu", fp8_ours(F.Fp8Config(method="mgpu", split_k=FM.default_split(n, k))),
+                                  ws, n * k))
+            if m == 1:
+                log_breakdown(f"fp8 {name} M=1", fp8_ours(cfg), [(x, q) for q in ws])
             if not FLAGS.no_baselines:
                 meths += [("xla dequant+dot", fp8_xla_dequant, ws, n * k), ("bf16 jnp.dot", bf16_dot, wbs, 2 * n * k)]
             for meth, fn, wl, nb in meths:
