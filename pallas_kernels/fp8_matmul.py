@@ -46,16 +46,26 @@ class Fp8Config:
     decode: str = "convert"
 
 
+def mgpu_pays(m: int, n: int, k: int) -> bool:
+    """Where the Mosaic GPU kernel measured faster than the Triton kernel and the XLA formulation (H200,
+    BENCHMARKS.md): one row for weights of 2^25+ elements (8192x8192 20.7 against 30.3 us, wo_b 12.1 against
+    17.3 us); rows padded to a multiple of 8 (one more launch) for 2^26+; 8-64 rows from 2^22 elements, except
+    K < 4096 beyond 16 rows (wq_b 1024->32768 at M=64: 26.8 against 25.4 us)."""
+    size = n * k
+    if m == 1:
+        return size >= 2**25
+    if m % 8:
+        return size >= 2**26
+    return size >= 2**22 and (m <= 16 or k >= 4096)
+
+
 def default_config(m: int, n: int, k: int, *, mgpu: bool = True) -> Fp8Config:
     """Per-shape configuration (H200 measurements, BENCHMARKS.md): the XLA formulation where it measured
     faster (M=2..4 with N >= 4096: 8192x8192 26.2 against 30.6 us; M=1 with N <= 1024: wq_a 4.2 against
     5.2 us), else the Pallas kernel split along K to about 256 programs (narrow N: bn 32 and the PTX decoder,
     wq_a 5.2 against 5.7 us); dequantise + cuBLAS from M=256. On Hopper the Mosaic GPU kernel where it
-    measured fastest (``mgpu=False``: never): weights of 2^25+ elements at M=1 or 9-16 (8192x8192 M=1: 23.9
-    against 30.4 us; wo_b 8192->4096: 14.7 against 17.1 us), and of 2^26+ elements at M=3-64."""
-    size = n * k
-    if mgpu and (m == 1 or 8 < m <= 16 or (m >= 3 and size >= 2**26)) and size >= 2**25 \
-            and fp8_matmul_mgpu.supported(m, n, k) and fp8_matmul_mgpu.available():
+    measured faster (:func:`mgpu_pays`). ``mgpu=False``: never the Mosaic GPU kernel."""
+    if mgpu and mgpu_pays(m, n, k) and fp8_matmul_mgpu.supported(m, n, k) and fp8_matmul_mgpu.available():
         return Fp8Config(method="mgpu", split_k=fp8_matmul_mgpu.default_split(n, k))
     if m >= 256:
         return Fp8Config(method="dequant_dot")

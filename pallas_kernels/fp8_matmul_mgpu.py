@@ -2,21 +2,15 @@
 Pallas-Triton kernel of :mod:`pallas_kernels.fp8_matmul`, for ``M <= 64`` rows on sm_90.
 
 ``x [M, K]`` bf16, ``W [N, K]`` e4m3 with ``scale [ceil(N/128), ceil(K/128)]`` UE8M0 -> ``y [M, N]``; the
-same contract and reference (:func:`pallas_kernels.fp8_matmul.fp8_matmul_reference`).
+same contract and reference (:func:`pallas_kernels.fp8_matmul.fp8_matmul_reference`), exact products with
+fp32 accumulation.
 
 The product is computed transposed, ``y^T = W x^T``, so the weight is the wgmma's 64-row left operand and the
-few activation rows its narrow right operand (N = M rounded up to 8). Each program owns 64 weight rows and a
-range of K; TMA streams ``[64, 128]`` weight tiles and ``[M, 128]`` activation tiles through shared memory;
-each tile is loaded into registers, converted e4m3 -> f16 by the hardware conversion (exact: e4m3 is a subset
-of f16) and fed to ``wgmma`` from registers; the tile's fp32 partial product is multiplied by its power-of-two
-block scale (exact) before it joins the accumulator.
-
-Hopper converts e4m3 only to f16 in hardware, and wgmma needs both operands in one type, so the activations
-enter as f16: each row is multiplied by a power of two ``2^-e`` that brings its largest magnitude into
-``[2^14, 2^15)``, and the output row by ``2^e`` (:func:`activations_f16`). A bf16 value has 8 significant
-bits and f16 11, so every element within ``2^31`` of its row's largest magnitude converts exactly; smaller ones
-are rounded to f16's subnormal grid, an absolute error below ``2^-39`` of the row maximum (far below the fp32
-accumulation's own rounding).
+few activation rows its narrow right operand (M rounded up to 8: zero rows, filled by TMA for one row).
+Each program owns 64 weight rows and a range of K; TMA streams ``[64, 128]`` weight tiles and ``[M, 128]``
+activation tiles through shared memory; each weight tile is loaded into registers, converted e4m3 -> fp32 ->
+bf16 (both exact) and fed to ``wgmma`` from registers; the tile's fp32 partial product is multiplied by its
+power-of-two block scale (exact) before it joins the accumulator.
 """
 
 from __future__ import annotations
@@ -66,26 +60,6 @@ def default_split(n: int, k: int) -> int:
     return split
 
 
-E_MIN, E_MAX = -126, 113
-"""Range of the per-row exponent ``e`` (so that ``2^e`` and ``2^-e`` are normal fp32 numbers)."""
-
-
-def _pow2(e: jax.Array) -> jax.Array:
-    """``2^e`` in fp32 for integer ``e`` in ``[-126, 127]``, by placing ``e + 127`` in the exponent field."""
-    return jax.lax.bitcast_convert_type((e + 127) << 23, jnp.float32)
-
-
-def activations_f16(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``x [M, K]`` -> ``(x * 2^-e [M, K] f16, 2^e [M] fp32)`` with ``e`` the exponent that brings the row's
-    largest magnitude into ``[2^14, 2^15)``, clipped to ``[-126, 113]`` (rows of zeros, and rows of
-    magnitudes below ``2^-112``, take ``2^126``; a non-finite row stays non-finite)."""
-    xf = x.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(xf), axis=-1)
-    biased = jax.lax.bitcast_convert_type(amax, jnp.int32) >> 23  # floor(log2(amax)) + 127 for normal amax
-    e = jnp.clip(biased - 127 - 14, E_MIN, E_MAX)
-    return (xf * _pow2(-e)[:, None]).astype(jnp.float16), _pow2(e)
-
-
 def _kernel(w_gmem, x_gmem, s_gmem, o_gmem, *, o_smem, s_smem, barrier, a_smem_scratch=None, kper: int,
             steps: int, stages: int, mp: int):
     import jax.experimental.pallas as pl
@@ -93,17 +67,17 @@ def _kernel(w_gmem, x_gmem, s_gmem, o_gmem, *, o_smem, s_smem, barrier, a_smem_s
 
     mi = lax.axis_index("m")
     si = lax.axis_index("s")
-    # The fp32 block scales of this program's 128-row block (one small TMA copy).
+    # The block scales of this program's 128-row block (one small TMA copy).
     plgpu.copy_gmem_to_smem(s_gmem.at[(mi * TILE_M) // BLOCK], s_smem, barrier)
     plgpu.barrier_wait(barrier)
     s0 = si * steps
 
     def step(idx, a_smem, b_smem, acc):
         (kk,) = idx
-        a = a_smem[...].astype(jnp.float16)
+        a = a_smem[...].astype(jnp.float32).astype(jnp.bfloat16)  # (Hopper has no e4m3 -> bf16 conversion)
 
         def product(r):
-            if a_smem_scratch is not None:  # GPU-interpret mode has no register operands: the same values through SMEM
+            if a_smem_scratch is not None:  # the GPU interpreter has no register operand: the same values via SMEM
                 a_smem_scratch[...] = a
                 plgpu.commit_smem()
                 plgpu.wgmma(r, a_smem_scratch, b_smem.T)
@@ -112,7 +86,12 @@ def _kernel(w_gmem, x_gmem, s_gmem, o_gmem, *, o_smem, s_smem, barrier, a_smem_s
             return r[...]
 
         part = pl.run_scoped(product, plgpu.ACC((TILE_M, mp), jnp.float32))
-        return acc + part * s_smem[s0 + kk]
+        scale = s_smem[s0 + kk]
+        if s_smem.dtype == jnp.uint8:  # UE8M0 byte -> 2^(byte - 127) as quant.e8m0_to_f32 (0: 2^-127, 255: NaN)
+            e = scale.astype(jnp.int32)
+            bits = jnp.where(e == 0, 1 << 22, jnp.where(e == 255, 0x7FC00000, e << 23))
+            scale = lax.bitcast_convert_type(jnp.full((TILE_M, mp), bits, jnp.int32), jnp.float32)
+        return acc + part * scale
 
     w_tr = _transforms(BLOCK * 8)
     x_tr = _transforms(BLOCK * 16)
@@ -153,19 +132,18 @@ def fp8_matmul_mgpu(x: jax.Array, w: quant.Fp8Block, out_dtype=jnp.bfloat16, *, 
     if kb % split:
         raise ValueError(f"split={split} does not divide the {kb} K blocks")
     mp = -(-m // 8) * 8
-    x16, f = activations_f16(x)
-    x16 = jnp.pad(x16, ((0, mp - m), (0, 0)))
-    ns = -(-kb // 4) * 4  # a row of scales is a whole number of 16-byte TMA units
-    s = quant.e8m0_to_f32(w.scale)
-    if ns != kb:
-        s = jnp.pad(s, ((0, 0), (0, ns - kb)))
+    if kb % 16 == 0:  # rows of UE8M0 bytes are whole 16-byte TMA units: the kernel converts them
+        ns, s = kb, lax.bitcast_convert_type(w.scale, jnp.uint8)
+    else:  # else fp32 (one small XLA launch), rows padded to 16 bytes
+        ns = -(-kb // 4) * 4
+        s = jnp.pad(quant.e8m0_to_f32(w.scale), ((0, 0), (0, ns - kb)))
     kw = {"interpret": plgpu.InterpretGPUParams()} if interpret else {}
     o_tr = plgpu.find_swizzle(mp * 32)
     o_transforms = (plgpu.TilingTransform((8, o_tr * 8 // 32)), plgpu.SwizzleTransform(o_tr))
     scratch = {"o_smem": plgpu.SMEM((TILE_M, mp), jnp.float32, transforms=o_transforms),
-               "s_smem": plgpu.SMEM((ns,), jnp.float32), "barrier": plgpu.Barrier(num_arrivals=1)}
+               "s_smem": plgpu.SMEM((ns,), s.dtype), "barrier": plgpu.Barrier(num_arrivals=1)}
     if interpret:
-        scratch["a_smem_scratch"] = plgpu.SMEM((TILE_M, BLOCK), jnp.float16, transforms=_transforms(BLOCK * 16))
+        scratch["a_smem_scratch"] = plgpu.SMEM((TILE_M, BLOCK), jnp.bfloat16, transforms=_transforms(BLOCK * 16))
 
     def fp8_block_matmul_mgpu(*refs, **scratch_refs):
         _kernel(*refs, **scratch_refs, kper=k // split, steps=kb // split, stages=stages, mp=mp)
@@ -174,5 +152,8 @@ def fp8_matmul_mgpu(x: jax.Array, w: quant.Fp8Block, out_dtype=jnp.bfloat16, *, 
         fp8_block_matmul_mgpu, out_type=jax.ShapeDtypeStruct((split, n, mp), jnp.float32),
         grid=(n // TILE_M, split), grid_names=("m", "s"), scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup), **kw)
-    y = call(w.weight, x16, s)  # [split, N, mp]
-    return (y.sum(0)[:, :m].T * f[:, None]).astype(out_dtype)
+    x = x.astype(jnp.bfloat16)
+    if m != mp and (m != 1 or interpret):  # TMA zero-fills past one row; other partial tiles are padded here
+        x = jnp.pad(x, ((0, mp - m), (0, 0)))
+    y = call(w.weight, x, s)  # [split, N, mp]
+    return y.sum(0)[:, :m].T.astype(out_dtype)

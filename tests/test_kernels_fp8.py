@@ -96,10 +96,12 @@ def _interpret_mgpu_or_skip():
         pytest.skip("this jax has no Mosaic GPU interpreter")
 
 
-@pytest.mark.parametrize("m,n,k,split", [(1, 128, 512, 1), (3, 256, 1024, 2), (9, 192, 256, 1)])
+@pytest.mark.parametrize("m,n,k,split", [(1, 128, 512, 1), (3, 256, 1024, 2), (9, 192, 256, 1),
+                                         (2, 128, 2048, 2)])
 def test_mgpu_kernel_equals_reference_interpret(m, n, k, split):
-    """The Mosaic GPU kernel in its GPU interpreter (weight tile through SMEM there), rows of very different
-    magnitudes (each row gets its own power-of-two f16 scaling), against the reference."""
+    """The Mosaic GPU kernel in its GPU interpreter (weight tile through SMEM there; K = 2048 takes the UE8M0
+    bytes into the kernel, the others fp32 scales), rows of magnitudes 10^-20 to 10^30, against the
+    reference row by row."""
     _interpret_mgpu_or_skip()
     r = rng()
     w = fp8(r, n, k)
@@ -110,27 +112,6 @@ def test_mgpu_kernel_equals_reference_interpret(m, n, k, split):
     assert y.shape == (m, n)
     for row in range(m):  # per row: the magnitudes differ by 10^50
         assert rel(y[row], ref[row]) < F32_TOL, row
-
-
-def test_mgpu_activation_scaling_is_exact_within_its_range():
-    """``activations_f16``: every bf16 element within 2^31 of its row's largest magnitude comes back exactly
-    from ``f16 * 2^e``; zero rows stay zero; the largest magnitude lands in [2^14, 2^15)."""
-    from pallas_kernels.fp8_matmul_mgpu import activations_f16
-
-    r = rng()
-    base = r.standard_normal((6, 4096)) * np.exp2(r.uniform(-30, 0, (6, 4096)))
-    x = jnp.asarray(base * np.array([1.0, 2.0**60, 2.0**-90, 1e-3, 3e5, 0.0])[:, None], jnp.bfloat16)
-    x16, f = activations_f16(x)
-    xf = np.asarray(x.astype(jnp.float32), np.float64)
-    back = np.asarray(x16.astype(jnp.float32), np.float64) * np.asarray(f, np.float64)[:, None]
-    amax = np.abs(xf).max(1)
-    within = np.abs(xf) >= amax[:, None] * 2.0**-31
-    assert within[:5].mean() > 0.9  # most elements are in the exact range; the rest test the bound below
-    np.testing.assert_array_equal(back[within], xf[within])
-    assert np.all(np.abs(back - xf) <= amax[:, None] * 2.0**-39)
-    top = np.abs(np.asarray(x16.astype(jnp.float32))).max(1)[:5]
-    assert np.all((top >= 2.0**14) & (top < 2.0**15))
-    assert not np.asarray(x16[5].astype(jnp.float32)).any()
 
 
 @pytest.mark.gpu
