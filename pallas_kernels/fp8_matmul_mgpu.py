@@ -45,6 +45,11 @@ def available() -> bool:
     return True
 
 
+_ONE_ROW_READ_PAST = tuple(int(v) for v in jax.__version__.split(".")[:2]) < (0, 12)
+"""jax 0.11 lowers an 8-row activation block over a one-row array (TMA zero-fills the rest); jax 0.12 refuses the
+out-of-bounds block when it traces the kernel, so the row is padded there."""
+
+
 def supported(m: int, n: int, k: int) -> bool:
     """Shapes the kernel takes: ``1 <= M <= 64``, ``N`` a multiple of 64, ``K`` of 128 and at most 32768 (one
     TMA copy of a row of block scales)."""
@@ -153,7 +158,9 @@ def fp8_matmul_mgpu(x: jax.Array, w: quant.Fp8Block, out_dtype=jnp.bfloat16, *, 
         grid=(n // TILE_M, split), grid_names=("m", "s"), scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup), **kw)
     x = x.astype(jnp.bfloat16)
-    if m != mp and (m != 1 or interpret):  # TMA zero-fills past one row; other partial tiles are padded here
+    if m != mp and (m != 1 or interpret or not _ONE_ROW_READ_PAST):
+        # Rows past M are zeros: TMA fills them for a single row where this jax lets the block read past the
+        # array (one launch fewer); other partial tiles are padded here.
         x = jnp.pad(x, ((0, mp - m), (0, 0)))
     y = call(w.weight, x, s)  # [split, N, mp]
     return y.sum(0)[:, :m].T.astype(out_dtype)

@@ -130,3 +130,27 @@ def test_gpu_mgpu_kernel_equals_reference(m):
             y = G.fp8_matmul_mgpu(x, w, jnp.float32, split=split)
             for row in range(m):
                 assert rel(y[row], ref[row]) < F32_TOL, (n, k, split, row)
+
+
+@pytest.mark.parametrize("m,n,k,split", [(1, 8192, 8192, 2), (4, 4096, 8192, 4), (16, 32768, 1024, 1),
+                                         (64, 1024, 4096, 16)])
+def test_mgpu_kernel_lowers_for_hopper_on_cpu(m, n, k, split):
+    """Mosaic GPU lowers the kernel (layout inference included) for a CUDA device without one, at the model's
+    shapes, both scale routes (UE8M0 bytes in the kernel for K >= 2048, fp32 otherwise)."""
+    _interpret_mgpu_or_skip()
+    from pallas_kernels.fp8_matmul_mgpu import fp8_matmul_mgpu
+
+    x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((n, k), jnp.float8_e4m3fn)
+    s = jax.ShapeDtypeStruct((-(-n // 128), k // 128), jnp.float8_e8m0fnu)
+
+    def f(x, w, s):
+        from dsv4_jax import quant
+
+        return fp8_matmul_mgpu(x, quant.Fp8Block(weight=w, scale=s), jnp.bfloat16, split=split)
+
+    try:
+        text = jax.jit(f).trace(x, w, s).lower(lowering_platforms=("cuda",)).as_text()
+    except (TypeError, AttributeError) as e:  # a jax without cross-platform lowering
+        pytest.skip(f"cannot lower for cuda here: {e}")
+    assert "mosaic_gpu" in text
