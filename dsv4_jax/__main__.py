@@ -67,6 +67,7 @@ def _expert_mesh(n: int):
 
 def _sample(args) -> int:
     from . import SamplingParams, encode_chat, load_model, load_tokenizer
+    from .checkpoint import checkpoint_config
     from .generation import generate_stream
     from .tokenizer import Detokenizer
 
@@ -93,10 +94,16 @@ def _sample(args) -> int:
         messages.append({"role": "user", "content": args.chat})
         text = encode_chat(messages, thinking=args.thinking)
     ids = tokenizer.encode(text)
-    model = load_model(path, dtype=args.dtype, mesh=mesh, progress=not args.quiet)
-    if ids and max(ids) >= model.config.vocab_size:
+    # Refused from the configuration, before any weight is read.
+    config = checkpoint_config(path)
+    if ids and max(ids) >= config.vocab_size:
         raise ValueError(f"the prompt has token ids up to {max(ids)} but the model's vocabulary has "
-                         f"{model.config.vocab_size} entries: put the matching tokenizer.json in {path}")
+                         f"{config.vocab_size} entries: put the matching tokenizer.json in {path}")
+    if len(ids) + params.max_new_tokens > config.max_position_embeddings:
+        raise ValueError(f"prompt ({len(ids)} tokens) + --max-new-tokens ({params.max_new_tokens}) = "
+                         f"{len(ids) + params.max_new_tokens} exceeds the model's context of "
+                         f"{config.max_position_embeddings} tokens")
+    model = load_model(path, dtype=args.dtype, mesh=mesh, progress=not args.quiet)
     if tiny:
         print("note: these are the weights of a tiny RANDOM model (the embedded default): the output is noise.\n"
               "      Pass --checkpoint DIR for real weights.", file=sys.stderr)

@@ -157,6 +157,17 @@ def _check_fits(
         )
 
 
+def checkpoint_config(path: str | os.PathLike) -> Config:
+    """The model configuration of a checkpoint directory or orbax cache, read from its JSON and the shards'
+    headers without reading any weight (what ``load_model`` will load; for refusing a request early)."""
+    path = Path(path)
+    if (path / CACHE_MANIFEST).exists():
+        return weights.config_from_native(_read_json(path / "config.json"), str(path / "config.json"))
+    index = read_index(path)
+    infos = {name: t for shard in open_shards(path, index).values() for name, t in shard.tensors.items()}
+    return read_config(path, weights.detect_layout(infos))[0]
+
+
 def load_model(
     path: str | os.PathLike,
     *,

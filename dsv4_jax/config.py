@@ -118,9 +118,11 @@ class Config:
                 if f.name == "rope_scaling":
                     v = None if v is None else _rope_scaling(v)
                 elif f.name == "compress_ratios":
-                    v = tuple(int(r) for r in v)
+                    if isinstance(v, (str, bytes, dict)):
+                        raise TypeError("expected a list of integers")
+                    v = tuple(_int(r) for r in v)
                 elif f.name == "eos_token_id" and isinstance(v, list):
-                    v = int(v[0])
+                    v = _int(v[0])
                 else:
                     v = _FIELD_TYPES[f.name](v)
             except (TypeError, ValueError, KeyError) as e:
@@ -169,8 +171,30 @@ def _bool(v):
     return v
 
 
+def _int(v) -> int:
+    """A JSON integer (an integral number such as ``4.0`` too); not a string, a boolean or a fraction."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not math.isfinite(v)):
+        raise TypeError("expected an integer")
+    if isinstance(v, float) and not v.is_integer():
+        raise ValueError("expected an integer, not a fraction")
+    return int(v)
+
+
+def _float(v) -> float:
+    """A JSON number; not a string or a boolean."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError("expected a number")
+    return float(v)
+
+
+def _str(v) -> str:
+    if not isinstance(v, str):
+        raise TypeError("expected a string")
+    return v
+
+
 _FIELD_TYPES = {
-    f.name: {"int": int, "float": float, "str": str, "bool": _bool}.get(f.type, lambda v: v)
+    f.name: {"int": _int, "float": _float, "str": _str, "bool": _bool}.get(f.type, lambda v: v)
     for f in dataclasses.fields(Config)
 }
 
@@ -180,10 +204,10 @@ def _rope_scaling(v: dict) -> RopeScaling:
     if kind != "yarn":
         raise ValueError(f"only YaRN rope scaling is defined for this model, got type {kind!r}")
     return RopeScaling(
-        factor=float(v["factor"]),
-        original_max_position_embeddings=int(v["original_max_position_embeddings"]),
-        beta_fast=float(v.get("beta_fast", 32)),
-        beta_slow=float(v.get("beta_slow", 1)),
+        factor=_float(v["factor"]),
+        original_max_position_embeddings=_int(v["original_max_position_embeddings"]),
+        beta_fast=_float(v.get("beta_fast", 32)),
+        beta_slow=_float(v.get("beta_slow", 1)),
     )
 
 

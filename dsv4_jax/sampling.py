@@ -50,8 +50,14 @@ def filter_logits(logits: jax.Array, temperature, top_k, top_p, use_top_p=None) 
     The most likely token always survives. The options may be Python numbers or traced scalars (so one
     compiled program serves every setting); ``top_k`` 0 (or >= V) and ``top_p`` >= 1 disable the filters.
     Top-p is applied to the distribution that top-k leaves. ``use_top_p`` (default ``top_p < 1`` in the
-    precision of the given value) switches the nucleus filter, whose threshold is ``top_p`` in fp32."""
-    x = logits.astype(jnp.float32) / temperature
+    precision of the given value) switches the nucleus filter, whose threshold is ``top_p`` in fp32.
+    The logits are shifted by their row maximum before the division (the distribution is unchanged), and a
+    temperature below fp32's smallest normal number divides as that number: a tiny temperature then keeps the
+    most likely token at 0 and pushes the others to -inf (the greedy limit), where an unshifted division
+    overflowed every positive logit to +inf."""
+    x = logits.astype(jnp.float32)
+    top = jnp.max(x, axis=-1, keepdims=True)
+    x = (x - jnp.where(jnp.isfinite(top), top, 0.0)) / jnp.maximum(temperature, jnp.finfo(jnp.float32).tiny)
     v = x.shape[-1]
     use_p = jnp.asarray(top_p < 1.0 if use_top_p is None else use_top_p, jnp.bool_)
     top_k = jnp.asarray(top_k, jnp.int32)

@@ -61,11 +61,27 @@ def test_missing_key_is_named():
     ("num_attention_heads", 60, "o_groups"),
     ("rope_scaling", {"type": "linear", "factor": 2}, "rope_scaling"),
     ("head_dim", 500, "head_dim"),
+    ("num_attention_heads", 4.7, "num_attention_heads.*fraction"),
+    ("num_attention_heads", "64", "num_attention_heads.*integer"),
+    ("hc_mult", True, "hc_mult.*integer"),
+    ("n_routed_experts", 255.99, "n_routed_experts"),
+    ("num_experts_per_tok", 2.9, "num_experts_per_tok"),
+    ("sliding_window", 127.5, "sliding_window"),
+    ("compress_ratios", [0, 0] + [4, 128.5] * 20 + [4, 0], "compress_ratios"),
+    ("rope_theta", "10000", "rope_theta.*number"),
+    ("scoring_func", 7, "scoring_func.*string"),
 ])
 def test_inconsistent_key_is_named(key, value, match):
     bad = dict(FLASH_JSON, **{key: value})
     with pytest.raises(ConfigError, match=match):
         d.Config.from_dict(bad)
+
+
+def test_integral_numbers_are_integers():
+    """JSON writers may print an integer as 4096.0: an integral number is accepted for an integer key."""
+    c = d.Config.from_dict(dict(FLASH_JSON, hidden_size=4096.0, compress_ratios=[float(r) for r in
+                                                                                 FLASH_JSON["compress_ratios"]]))
+    assert c == d.Config.from_dict(FLASH_JSON) and isinstance(c.hidden_size, int)
 
 
 def test_unreadable_file_is_named(tmp_path):

@@ -185,6 +185,14 @@ def test_sampling_filters():
     assert np.isfinite(np.asarray(filter_logits(peaked, 1.0, 0, 1.0))).all()
     params = d.SamplingParams(temperature=1.0, top_k=2**40)
     assert np.isfinite(np.asarray(filter_logits(logits, 1.0, *sampling_args(params)[1:4]))).all()
+    # A tiny temperature is the greedy limit (dividing the unshifted logits overflowed to +inf: token 0), and
+    # shifting by the row maximum leaves ordinary temperatures' distributions as they were.
+    row = jnp.asarray([[1.0, 5.0, 3.0, 4.9, -2.0]], jnp.float32)
+    for t in (1e-3, 1e-30, 1e-39, 1e-44):
+        draws = {int(sample(row, jax.random.key(i), d.SamplingParams(temperature=t))[0]) for i in range(20)}
+        assert draws == {1}, t
+    np.testing.assert_allclose(jax.nn.softmax(filter_logits(logits, 0.7, 0, 1.0)), jax.nn.softmax(logits / 0.7),
+                               rtol=1e-5, atol=1e-7)
     # Sampling with a seed is reproducible and only draws allowed tokens.
     a = generate(MODEL, [[5, 6, 7]], max_new_tokens=6, temperature=1.0, top_k=3, seed=7, ignore_eos=True)
     b = generate(MODEL, [[5, 6, 7]], max_new_tokens=6, temperature=1.0, top_k=3, seed=7, ignore_eos=True)
@@ -244,6 +252,18 @@ def test_cli_samples_and_refuses_bad_requests(tmp_path, capsys, monkeypatch):
     assert "top_p" in capsys.readouterr().err
     assert main(["sample", "--checkpoint", str(ckpt), "--steps-per-call", "0"]) == 2
     assert "--steps-per-call" in capsys.readouterr().err
+    # A request longer than the context is refused from config.json, before any weight is read.
+    import dsv4_jax.checkpoint
+
+    def no_loading(*a, **k):
+        raise AssertionError("load_model was called")
+
+    monkeypatch.setattr(dsv4_jax, "load_model", no_loading)
+    monkeypatch.setattr(dsv4_jax.checkpoint, "load_model", no_loading)
+    context = d.tiny(vocab_size=129280).max_position_embeddings
+    assert main(["sample", "--checkpoint", str(ckpt), "--max-new-tokens", str(context)]) == 2
+    assert f"exceeds the model's context of {context} tokens" in capsys.readouterr().err
+    monkeypatch.undo()
     with pytest.raises(SystemExit) as exit_:  # argparse: chat options beside a raw prompt are refused
         main(["sample", "--prompt", "hi", "--thinking", "high"])
     assert exit_.value.code == 2 and "--prompt is sent as is" in capsys.readouterr().err
