@@ -68,7 +68,7 @@ def _expert_mesh(n: int):
 def _sample(args) -> int:
     from . import SamplingParams, encode_chat, load_model, load_tokenizer
     from .checkpoint import checkpoint_config
-    from .generation import generate_stream
+    from .generation import check_context, generate_stream
     from .tokenizer import Detokenizer
 
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -99,10 +99,7 @@ def _sample(args) -> int:
     if ids and max(ids) >= config.vocab_size:
         raise ValueError(f"the prompt has token ids up to {max(ids)} but the model's vocabulary has "
                          f"{config.vocab_size} entries: put the matching tokenizer.json in {path}")
-    if len(ids) + params.max_new_tokens > config.max_position_embeddings:
-        raise ValueError(f"prompt ({len(ids)} tokens) + --max-new-tokens ({params.max_new_tokens}) = "
-                         f"{len(ids) + params.max_new_tokens} exceeds the model's context of "
-                         f"{config.max_position_embeddings} tokens")
+    check_context(len(ids), params.max_new_tokens, config)
     model = load_model(path, dtype=args.dtype, mesh=mesh, progress=not args.quiet)
     if tiny:
         print("note: these are the weights of a tiny RANDOM model (the embedded default): the output is noise.\n"

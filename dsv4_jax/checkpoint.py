@@ -434,7 +434,7 @@ def _restore_cache(path: Path, *, dtype: DType, mesh: Mesh | None, device_memory
                    kernel_layout: bool | None) -> Model:
     import orbax.checkpoint as ocp
 
-    config = weights.config_from_native(_read_json(path / "config.json"), str(path / "config.json"))
+    config = checkpoint_config(path)
     sharding.check_mesh(mesh, config.n_routed_experts)
     manifest = _read_json(path / CACHE_MANIFEST, CheckpointError)
     entries, treedef = jax.tree.flatten(weights.param_entries(config))

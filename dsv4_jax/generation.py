@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .cache import Cache, init_cache
+from .config import Config
 from .model import Model, _head, check_vocab, run_blocks, token_matrix
 from .sampling import SamplingParams, _is_int, _sample, sample, sampling_args
 
@@ -169,6 +170,14 @@ class _Stopper:
         return False
 
 
+def check_context(prompt_tokens: int, max_new_tokens: int, config: Config) -> None:
+    """Refuse a request whose prompt plus new tokens exceeds the model's context (``max_position_embeddings``)."""
+    need = prompt_tokens + max_new_tokens
+    if need > config.max_position_embeddings:
+        raise ValueError(f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) = {need} exceeds the "
+                         f"model's context of {config.max_position_embeddings} tokens")
+
+
 def _prepare(model: Model, prompts, params: SamplingParams, tokenizer, max_len):
     params.validate()
     if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], (int, np.integer))):
@@ -188,9 +197,7 @@ def _prepare(model: Model, prompts, params: SamplingParams, tokenizer, max_len):
     if need > max_len:
         raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({params.max_new_tokens}) = {need} exceeds "
                          f"max_len = {max_len}")
-    if need > model.config.max_position_embeddings:
-        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({params.max_new_tokens}) = {need} exceeds the "
-                         f"model's context of {model.config.max_position_embeddings} tokens")
+    check_context(longest, params.max_new_tokens, model.config)
     stop_ids = set(params.stop_token_ids)
     if not params.ignore_eos:
         stop_ids.add(model.config.eos_token_id)

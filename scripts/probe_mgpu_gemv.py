@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from dsv4_jax.quant import E2M1_VALUES
+
 INTERP = "--interpret" in sys.argv
 
 
@@ -92,7 +94,7 @@ def gemv(w, xT, *, mode, tile_m=64, tile_k=256, split=2, steps=4):
   return f(w, xT)
 
 
-E2M1 = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6], np.float32)
+E2M1 = E2M1_VALUES
 
 
 def make(mode, N, K, B, tile_k, seed=0):

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from dsv4_jax.quant import E2M1_VALUES
+
 TILE_M = 64
 
 
@@ -142,7 +144,7 @@ def gemv(codes, scales, xT, *, tile_k=256, split=2, stages=4):
   return f(codes, scales, xT)
 
 
-E2M1 = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6], np.float32)
+E2M1 = E2M1_VALUES
 
 
 def repack(codes, tk):
