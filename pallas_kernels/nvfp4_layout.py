@@ -170,37 +170,51 @@ def decode_int(q: jax.Array, s_lo: jax.Array, s_hi: jax.Array) -> tuple[jax.Arra
 # Per 4 bytes (one instance, pack=4): $2 the bytes, $3/$4 the scales of elements 0-1/2-3, $0/$1 the results.
 # lo codes (byte bits 7, 0, 6, 5): `prmt` puts byte i at bf16 high byte (sign at 15, E1 at 8) and byte i << 1
 # at the low byte (E0 at 7, M at 6); one mask clears the rest: 5 integer instructions for 4 weights.
-_PTX_LO = """
-{
+
+
+def ptx_decode_lo(word: str, s0: str, s1: str, out0: str, out1: str) -> str:
+    """PTX of the lo-code decode of one 32-bit ``word`` (operand names given): ``out0`` / ``out1`` the bf16x2 of
+    bytes 0-1 / 2-3 times the bf16x2 scales ``s0`` / ``s1``."""
+    return f"""{{
 .reg .b32 b, t0, t1, negz;
 mov.b32 negz, 0x80008000;
-shl.b32 b, $2, 1;
-prmt.b32 t0, b, $2, 0x5140;
-prmt.b32 t1, b, $2, 0x7362;
+shl.b32 b, {word}, 1;
+prmt.b32 t0, b, {word}, 0x5140;
+prmt.b32 t1, b, {word}, 0x7362;
 and.b32 t0, t0, 0x81C081C0;
 and.b32 t1, t1, 0x81C081C0;
-fma.rn.bf16x2 $0, t0, $3, negz;
-fma.rn.bf16x2 $1, t1, $4, negz;
-}
-"""
+fma.rn.bf16x2 {out0}, t0, {s0}, negz;
+fma.rn.bf16x2 {out1}, t1, {s1}, negz;
+}}"""
+
+
+_PTX_LO = ptx_decode_lo("$2", "$3", "$4", "$0", "$1")
+
+
 # hi codes (byte bits 4, 3, 2, 1): after `<< 3` the sign is each byte's msb; `prmt` puts the byte in the low
 # byte and its replicated sign in the high byte of each bf16, `<< 2` moves E1, E0, M to bits 8-6: 7 instructions.
-_PTX_HI = """
-{
+
+
+def ptx_decode_hi(word: str, s0: str, s1: str, out0: str, out1: str) -> str:
+    """The hi-code counterpart of :func:`ptx_decode_lo`."""
+    return f"""{{
 .reg .b32 c, t0, t1, zero, negz;
 mov.b32 zero, 0;
 mov.b32 negz, 0x80008000;
-shl.b32 c, $2, 3;
+shl.b32 c, {word}, 3;
 prmt.b32 t0, c, zero, 0x9180;
 prmt.b32 t1, c, zero, 0xB3A2;
 shl.b32 t0, t0, 2;
 shl.b32 t1, t1, 2;
 and.b32 t0, t0, 0x81C081C0;
 and.b32 t1, t1, 0x81C081C0;
-fma.rn.bf16x2 $0, t0, $3, negz;
-fma.rn.bf16x2 $1, t1, $4, negz;
-}
-"""
+fma.rn.bf16x2 {out0}, t0, {s0}, negz;
+fma.rn.bf16x2 {out1}, t1, {s1}, negz;
+}}"""
+
+
+_PTX_HI = ptx_decode_hi("$2", "$3", "$4", "$0", "$1")
+
 # (Two single-result instances: jax 0.11.2's Triton lowering mishandles multi-result inline asm. The per-byte
 # placement keeps each element's result a function of its own byte, whatever elements Triton packs together.)
 ASM_SCALE_LOG2 = 119

@@ -13,6 +13,9 @@ With ``method="fma"`` (a few rows, default for one row of a large matrix) the de
 the CUDA cores in fp32 instead: a decode-sized product has one live row, and the tensor-core path pads it to 16
 and moves every decoded weight into the MMA operand layout.
 
+On Hopper, decode-sized M (<= 64) dispatches to the Mosaic GPU kernel of :mod:`pallas_kernels.nvfp4_mgpu`
+(``method="mgpu"``), which reads the same packed weights and measured faster at every shape tried.
+
 For large M a second path, :func:`nvfp4_dequantize` (an elementwise Pallas kernel writing the exact bf16
 weights once) followed by cuBLAS through ``jnp.dot``, costs one weight pass amortised over M rows.
 """
@@ -29,6 +32,7 @@ from jax.experimental.pallas import triton as plt
 
 from dsv4_jax import quant
 
+from . import nvfp4_mgpu
 from .nvfp4_layout import UNDO_DECODE_SCALE, Nvfp4Packed, decode_asm, decode_int, decode_tile, unpack_nvfp4
 
 
@@ -36,7 +40,9 @@ from .nvfp4_layout import UNDO_DECODE_SCALE, Nvfp4Packed, decode_asm, decode_int
 class MatmulConfig:
     """Tile sizes and schedule of one launch. ``method``: ``"fused"`` (decode inside a tensor-core matmul),
     ``"fma"`` (decode and multiply on the CUDA cores, fp32 FMAs; a GEMV for a few rows, ``bm`` unused) or
-    ``"dequant_dot"`` (Pallas dequantise + cuBLAS); ``decode``: ``"asm"`` (inline PTX) or ``"int"``."""
+    ``"dequant_dot"`` (Pallas dequantise + cuBLAS) or ``"mgpu"`` (the Mosaic GPU kernel of
+    :mod:`pallas_kernels.nvfp4_mgpu`, Hopper only: ``bk`` its ``tile_k``, ``split_k`` and ``num_stages`` its
+    split and pipeline depth, ``split_k=0`` its default); ``decode``: ``"asm"`` (inline PTX) or ``"int"``."""
 
     bm: int = 16
     bn: int = 64
@@ -50,9 +56,21 @@ class MatmulConfig:
     method: str = "fused"
 
 
-def default_config(m: int, n: int, k: int) -> MatmulConfig:
-    """Per-shape configuration for ``x [m, k] @ W[n, k]^T`` with the *padded* weight sizes (H200 measurements, BENCHMARKS.md): decode-sized M uses swapped operands,
-    small tiles and split-K to fill 132 SMs; large M dequantises once and calls cuBLAS."""
+def mgpu_config(m: int, n: int, k: int) -> MatmulConfig:
+    """The Mosaic GPU kernel's configuration (H200, BENCHMARKS.md, session 8: 8192x8192 M=1 18.5 us with
+    tile_k 256, split 8, 3 stages; M=64 38.3 us with tile_k 128)."""
+    tile_k = 256 if m <= 16 else 128
+    split = nvfp4_mgpu.default_split(n // nvfp4_mgpu.TILE_M, k // tile_k)
+    return MatmulConfig(method="mgpu", bk=tile_k, split_k=split, num_stages=3 if m <= 16 else 4)
+
+
+def default_config(m: int, n: int, k: int, *, mgpu: bool = True) -> MatmulConfig:
+    """Per-shape configuration for ``x [m, k] @ W[n, k]^T`` with the *padded* weight sizes (H200 measurements,
+    BENCHMARKS.md): on Hopper the Mosaic GPU kernel for M <= 64 (:func:`mgpu_config`; ``mgpu=False``: never);
+    else decode-sized M uses swapped operands, small tiles and split-K to fill 132 SMs; large M dequantises
+    once and calls cuBLAS."""
+    if mgpu and m <= nvfp4_mgpu.MAX_ROWS and nvfp4_mgpu.supported(k, n) and nvfp4_mgpu.available():
+        return mgpu_config(m, n, k)
     if m > 64:
         # Measured (BENCHMARKS.md): from M = 256 on, one exact bf16 dequantisation + cuBLAS beats the fused
         # Triton kernel (8192x8192: 107 vs 128 us at M=256, 749 vs 1938 us at M=4096).
@@ -267,7 +285,10 @@ def nvfp4_matmul(x: jax.Array, p: Nvfp4Packed, out_dtype=jnp.bfloat16, *, act_sc
         scale = scale * jnp.asarray(act_scale, jnp.float32)
     if m == 0:
         return jnp.zeros((*lead, p.n), out_dtype)
-    if cfg.method == "dequant_dot":
+    if cfg.method == "mgpu":
+        mcfg = nvfp4_mgpu.MgpuConfig(tile_k=cfg.bk, split=cfg.split_k or None, stages=cfg.num_stages)
+        y = nvfp4_mgpu.nvfp4_matmul_mgpu(x2, p, scale, jnp.dtype(out_dtype), mcfg, interpret)
+    elif cfg.method == "dequant_dot":
         w = nvfp4_dequantize(p, decode=cfg.decode, interpret=interpret)
         y = jnp.dot(x2.astype(jnp.bfloat16), w.T, preferred_element_type=jnp.float32)
         y = (y * scale).astype(out_dtype)

@@ -38,6 +38,7 @@ from jax.experimental.pallas import triton as plt
 
 from dsv4_jax import quant
 
+from . import nvfp4_mgpu
 from .nvfp4_layout import UNDO_DECODE_SCALE, Nvfp4Packed, decode_asm, decode_int, decode_tile, unpack_nvfp4
 
 PAIRWISE_MAX = 32
@@ -47,7 +48,12 @@ PAIRWISE_MAX = 32
 class MoeConfig:
     """Tiles of the two grouped kernels; ``bm`` rows per tile (16 for decode); ``schedule``: ``"pairs"`` (the
     decode schedule) or ``"sorted"``; ``split13`` / ``split2``: K splits of the decode schedule's w13 / w2
-    kernels (the sorted schedule does not split K; ``swap_ab`` applies to it only)."""
+    kernels (the sorted schedule does not split K; ``swap_ab`` applies to it only).
+
+    ``"mgpu_pairs"`` / ``"mgpu_sorted"``: the Mosaic GPU kernels of :mod:`pallas_kernels.nvfp4_mgpu` (Hopper
+    only) with the same two schedules, ``bm`` rows per block of the sorted one (8-64), ``bk`` their
+    ``tile_k``, ``split13`` / ``split2`` their K splits (0: the kernel's default), ``num_stages`` their
+    pipeline depth."""
 
     bm: int = 16
     bn13: int = 64
@@ -63,12 +69,28 @@ class MoeConfig:
     decode: str = "asm"
 
 
-def default_config(pairs: int) -> MoeConfig:
+def mgpu_config(pairs: int) -> MoeConfig | None:
+    """The Mosaic GPU schedule where it measured faster than the Triton kernels (H200, BENCHMARKS.md), or
+    None."""
+    if pairs <= PAIRWISE_MAX:
+        return MoeConfig(schedule="mgpu_pairs", bk=256, split13=0, split2=0, num_stages=4)
+    if pairs <= MGPU_SORTED_MAX:
+        return MoeConfig(schedule="mgpu_sorted", bm=8, bk=256, split13=0, split2=0, num_stages=4)
+    return None
+
+
+MGPU_SORTED_MAX = 6 * 64
+
+
+def default_config(pairs: int, *, mgpu: bool = True) -> MoeConfig:
     """Per-size configuration (H200 measurements, BENCHMARKS.md). Decode schedule with CUDA-core rows and long
     K steps (16 rows x 512 bytes of codes per step): batch 1 (6 pairs) 55.2 us with bn 16, bk 1024, split13 2 /
     split2 1, 4 warps, 3 stages (58.1 with bn 32, bk 256, split13 4 / split2 2; tensor-core tiles 81.3; 8 warps
     61-154); 4 tokens (24 pairs) 184.0 us (205 with bn 64, bk 256). From 16 tokens the sorted schedule, which
-    reads an expert shared by several tokens once, wins (823 against 1021 us with tensor-core tiles)."""
+    reads an expert shared by several tokens once, wins (823 against 1021 us with tensor-core tiles). On
+    Hopper the Mosaic GPU schedules where they measured faster (:func:`mgpu_config`; ``mgpu=False``: never)."""
+    if mgpu and nvfp4_mgpu.available() and (cfg := mgpu_config(pairs)) is not None:
+        return cfg
     if pairs <= PAIRWISE_MAX:
         return MoeConfig(bn13=16, bn2=16, bk=1024, split13=2, split2=1, num_stages=3, fma=True)
     if pairs <= 4096:
@@ -107,7 +129,9 @@ def make_schedule(ids: jax.Array, weights: jax.Array, n_experts: int, bm: int) -
     row_token = jnp.full((rows,), -1, jnp.int32).at[slot_sorted].set(order // k)
     row_weight = jnp.zeros((rows,), jnp.float32).at[slot_sorted].set(flat_w[order])
     tile_start = jnp.arange(n_tiles, dtype=jnp.int32) * bm
-    tile_expert = jnp.searchsorted(pend, tile_start, side="right").astype(jnp.int32)
+    # (compare_all: one fused comparison instead of a scan of ~10 small launches at decode sizes)
+    method = "compare_all" if n_tiles * (n_experts + 1) <= 1 << 24 else "scan"
+    tile_expert = jnp.searchsorted(pend, tile_start, side="right", method=method).astype(jnp.int32)
     tile_expert = jnp.where(tile_expert < n_experts, tile_expert, -1)
     pair_slot = jnp.zeros((p,), jnp.int32).at[order].set(slot_sorted)
     return Schedule(tile_expert, row_token, row_weight, pair_slot)
@@ -393,6 +417,13 @@ def _moe(x, ids, weights, w1: Nvfp4Packed, w2: Nvfp4Packed, w3: Nvfp4Packed, lim
     n_i = w1.n
     if w3.n != n_i or w1.k != d or w3.k != d or w2.k != n_i or w2.n != d:
         raise ValueError(f"expert shapes w1 {w1.shape}, w3 {w3.shape}, w2 {w2.shape} do not match D={d}")
+    if cfg.schedule in ("mgpu_pairs", "mgpu_sorted"):
+        def tiles(split):
+            return nvfp4_mgpu.MgpuConfig(tile_k=cfg.bk, split=split or None, stages=cfg.num_stages)
+
+        mcfg = nvfp4_mgpu.MoeMgpuConfig(schedule=cfg.schedule[5:], rows=cfg.bm, w13=tiles(cfg.split13),
+                                         w2=tiles(cfg.split2))
+        return nvfp4_mgpu.nvfp4_moe_mgpu(x, ids, weights, w1, w2, w3, limit, config=mcfg, interpret=interpret)
     bk = min(cfg.bk, w1.kp, w2.kp)
     while (w1.kp % bk or w2.kp % bk) and bk > 32:  # a long default step that does not divide a padded input
         bk //= 2
@@ -416,6 +447,8 @@ def nvfp4_moe(x: jax.Array, ids: jax.Array, weights: jax.Array, w1: Nvfp4Packed,
     if t == 0:
         return jnp.zeros((0, x.shape[1]), jnp.float32)
     cfg = config or default_config(t * k)
+    if cfg.schedule.startswith("mgpu") and config is None and not nvfp4_mgpu.moe_supported(w1, w2):
+        cfg = default_config(t * k, mgpu=False)
     return _moe(x, ids, weights, w1, w2, w3, float(swiglu_limit), cfg, interpret)
 
 

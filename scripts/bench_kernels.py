@@ -31,6 +31,7 @@ from pallas_kernels import fp8_matmul as F
 from pallas_kernels import fp8_matmul_mgpu as FM
 from pallas_kernels import nvfp4_layout as L
 from pallas_kernels import nvfp4_matmul as NM
+from pallas_kernels import nvfp4_mgpu as NG
 from pallas_kernels import nvfp4_moe as MO
 
 MS = [1, 4, 16, 64, 256, 1024, 4096, 16384]
@@ -197,7 +198,7 @@ def best_of(label: str, make_fn, cands, argsets, iters: int = 10, frac: float = 
 def nv_candidates(m, np_, kp):
     decs = ("asm", "int") if FLAGS.int_decode else ("asm",)
     out = []
-    if m <= 16:
+    if m <= 16 and not FLAGS.no_triton_tune:
         for dec in decs:
             for bn, bk, nw, ns, splits in ((64, 256, 4, 4, (4, 8, 16)), (128, 256, 4, 4, (4, 8, 16)),
                                            (32, 256, 4, 4, (8, 16)), (64, 512, 4, 3, (4, 8)), (128, 256, 8, 3, (8,)),
@@ -213,12 +214,17 @@ def nv_candidates(m, np_, kp):
                 if np_ % bn == 0 and kp % (bk * split) == 0 and kp // (bk * split) >= 2:
                     out.append(NM.MatmulConfig(method="fma", bn=bn, bk=bk, split_k=split, num_warps=nw,
                                                num_stages=ns))
-    elif m <= 64:
+    if m <= 64 and NG.available() and NG.supported(kp, np_):
+        for tk, split, ns in ((256, 8, 3), (256, 8, 4), (256, 16, 3), (256, 16, 4), (256, 4, 3), (128, 8, 4),
+                              (128, 16, 4), (256, 0, 2)):
+            if (kp // tk) % max(split, 1) == 0:
+                out.append(NM.MatmulConfig(method="mgpu", bk=tk, split_k=split, num_stages=ns))
+    if 16 < m <= 64 and not FLAGS.no_triton_tune:
         for swap in (True, False):
             for bn, bk, split in ((64, 256, 1), (64, 256, 2), (128, 128, 1)):
                 if kp % (bk * split) == 0:
                     out.append(NM.MatmulConfig(bm=64, bn=bn, bk=bk, split_k=split, swap_ab=swap, num_stages=4))
-    else:
+    if m > 64:
         for bm, bn, bk, nw, ns in ((64, 128, 128, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)):
             out.append(NM.MatmulConfig(bm=bm, bn=bn, bk=bk, swap_ab=False, num_warps=nw, num_stages=ns))
         out.append(NM.MatmulConfig(method="dequant_dot"))
@@ -226,6 +232,15 @@ def nv_candidates(m, np_, kp):
 
 
 def moe_candidates(t_tok):
+    mg = []
+    if NG.available():
+        sched = "mgpu_pairs" if t_tok * TOPK <= MO.PAIRWISE_MAX else "mgpu_sorted"
+        mg = [MO.MoeConfig(schedule=sched, bm=bm, bk=tk, split13=s1, split2=s2, num_stages=ns)
+              for bm, tk, s1, s2, ns in ((8, 256, 0, 0, 4), (8, 256, 0, 0, 3), (8, 256, 1, 1, 4), (8, 256, 2, 1, 3),
+                                         (8, 256, 4, 2, 3), (8, 128, 0, 0, 4), (16, 256, 0, 0, 4))
+              if bm == 8 or sched == "mgpu_sorted"]
+        if FLAGS.no_triton_tune:
+            return mg
     if t_tok * TOPK <= MO.PAIRWISE_MAX:
         c = [MO.MoeConfig(bn13=a, bn2=b, split13=s1, split2=s2, num_stages=ns)
              for a, b, s1, s2, ns in ((64, 64, 4, 2, 4), (64, 64, 2, 2, 4), (64, 64, 8, 2, 4), (64, 64, 4, 1, 4),
@@ -236,12 +251,12 @@ def moe_candidates(t_tok):
               for a, b, s1, s2, nw, ns in ((64, 64, 4, 2, 8, 2), (64, 64, 4, 2, 4, 3), (64, 64, 2, 2, 8, 2),
                                            (64, 64, 8, 4, 8, 2), (128, 128, 4, 2, 8, 2), (32, 32, 4, 2, 4, 3),
                                            (64, 64, 4, 4, 8, 3))]
-        return c if t_tok == 1 else c[:5] + c[-7:-3]
+        return mg + (c if t_tok == 1 else c[:5] + c[-7:-3])
     if t_tok <= 64:
         # The decode schedule reads an expert shared by several tokens once per pair; the sorted one once.
-        return [MO.default_config(t_tok * TOPK), MO.MoeConfig(split13=4, split2=2),
-                MO.MoeConfig(split13=2, split2=1)]
-    return [MO.MoeConfig(bm=bm, bn13=a, bn2=b, bk=c, schedule="sorted", swap_ab=False, num_warps=nw, num_stages=3)
+        return mg + [MO.default_config(t_tok * TOPK, mgpu=False), MO.MoeConfig(split13=4, split2=2),
+                     MO.MoeConfig(split13=2, split2=1)]
+    return mg + [MO.MoeConfig(bm=bm, bn13=a, bn2=b, bk=c, schedule="sorted", swap_ab=False, num_warps=nw, num_stages=3)
             for bm, a, b, c, nw in ((64, 64, 128, 128, 4), (128, 64, 128, 64, 8))]
 
 
@@ -342,10 +357,15 @@ def bench_moe(copy_tbs, bf16_tf, rows):
         args = [(jax.random.normal(jax.random.key(j), (t_tok, D), jnp.bfloat16),
                  *routing(jax.random.key(100 + j), t_tok)) for j in range(4)]
         it = 10 if t_tok <= 1024 else 3
-        ours = moe_ours(tuned("moe", "", t_tok))
+        cfg = tuned("moe", "", t_tok) or MO.default_config(pairs)
+        ours = moe_ours(cfg)
         t = safe(median_ms, ours, [(*a, *ps) for a in args], it)
         if t:
-            row(rows, "moe", "256 experts top-6", t_tok, "ours", t, nb, fl, copy_tbs, bf16_tf)
+            row(rows, "moe", "256 experts top-6", t_tok, f"ours ({cfg.schedule})", t, nb, fl, copy_tbs, bf16_tf)
+        if cfg.schedule.startswith("mgpu"):
+            t = safe(median_ms, moe_ours(MO.default_config(pairs, mgpu=False)), [(*a, *ps) for a in args], it)
+            if t:
+                row(rows, "moe", "256 experts top-6", t_tok, "pallas-triton", t, nb, fl, copy_tbs, bf16_tf)
         if t_tok <= 4:
             log_breakdown(f"moe T={t_tok}", ours, [(*a, *ps) for a in args])
         if wts is None:
@@ -380,11 +400,15 @@ def bench(copy_tbs, bf16_tf, rows):
             x = jax.random.normal(key, (m, k), jnp.bfloat16)
             it = 15 if m <= 1024 else 5
             fl = 2 * m * n * k
-            ours = nv_ours(tuned("nv", name, m))
-            meths = [("ours", ours, [(x, q) for q in ps], nv_bytes(n, k)),
+            cfg = tuned("nv", name, m) or NM.default_config(m, p.np_, p.kp)
+            ours = nv_ours(cfg)
+            meths = [(f"ours ({cfg.method})", ours, [(x, q) for q in ps], nv_bytes(n, k)),
                      ("xla dequant+dot", nv_xla, [(x, q) for q in ws], nv_bytes(n, k)),
                      ("bf16 jnp.dot", bf16_dot, [(x, q) for q in wbs], 2 * n * k)]
-            for meth, fn, sets, nb in meths[:1] if FLAGS.no_baselines else meths:
+            if cfg.method == "mgpu":
+                meths.insert(1, ("pallas-triton", nv_ours(NM.default_config(m, p.np_, p.kp, mgpu=False)),
+                                 [(x, q) for q in ps], nv_bytes(n, k)))
+            for meth, fn, sets, nb in meths[:1 + (cfg.method == "mgpu")] if FLAGS.no_baselines else meths:
                 t = safe(median_ms, fn, sets, it)
                 if t:
                     row(rows, "nvfp4", name, m, meth, t, nb, fl, copy_tbs, bf16_tf)
@@ -437,6 +461,7 @@ def main():
     ap.add_argument("--moe-tune-tokens", type=_ints, default=[1, 4, 16])
     ap.add_argument("--no-baselines", action="store_true", help="only our kernels (and XLA's FP8 formulation)")
     ap.add_argument("--int-decode", action="store_true", help="also tune the portable integer decoder")
+    ap.add_argument("--no-triton-tune", action="store_true", help="tune only the Mosaic GPU kernels (Hopper)")
     args = ap.parse_args()
     args.sections = args.sections.split(",")
     FLAGS.__dict__.update(vars(args))
@@ -464,7 +489,7 @@ def main():
 
 
 BUDGET = 480.0
-FLAGS = argparse.Namespace(sections=["nv", "fp8", "moe"], no_baselines=False, int_decode=False, ms=MS,
+FLAGS = argparse.Namespace(sections=["nv", "fp8", "moe"], no_baselines=False, int_decode=False, no_triton_tune=False, ms=MS,
                            moe_tokens=MS, nv_tune_ms=[1], moe_tune_tokens=[1])
 
 if __name__ == "__main__":
