@@ -41,8 +41,8 @@ class MatmulConfig:
     """Tile sizes and schedule of one launch. ``method``: ``"fused"`` (decode inside a tensor-core matmul),
     ``"fma"`` (decode and multiply on the CUDA cores, fp32 FMAs; a GEMV for a few rows, ``bm`` unused) or
     ``"dequant_dot"`` (Pallas dequantise + cuBLAS) or ``"mgpu"`` (the Mosaic GPU kernel of
-    :mod:`pallas_kernels.nvfp4_mgpu`, Hopper only: ``bk`` its ``tile_k``, ``split_k`` and ``num_stages`` its
-    split and pipeline depth, ``split_k=0`` its default); ``decode``: ``"asm"`` (inline PTX) or ``"int"``."""
+    :mod:`pallas_kernels.nvfp4_mgpu`, Hopper only: ``bk`` its pipeline step (128, 256 or 512 columns),
+    ``split_k`` and ``num_stages`` its split and pipeline depth, ``split_k=0`` its default); ``decode``: ``"asm"`` (inline PTX) or ``"int"``."""
 
     bm: int = 16
     bn: int = 64
@@ -57,19 +57,26 @@ class MatmulConfig:
 
 
 def mgpu_config(m: int, n: int, k: int) -> MatmulConfig:
-    """The Mosaic GPU kernel's configuration (H200, BENCHMARKS.md, session 8: 8192x8192 M=1 18.5 us with
-    tile_k 256, split 8, 3 stages; M=64 38.3 us with tile_k 128)."""
-    tile_k = 256 if m <= 16 else 128
-    split = nvfp4_mgpu.default_split(n // nvfp4_mgpu.TILE_M, k // tile_k)
-    return MatmulConfig(method="mgpu", bk=tile_k, split_k=split, num_stages=3 if m <= 16 else 4)
+    """The Mosaic GPU kernel's configuration (H200, BENCHMARKS.md, session 8): tile_k 256, the kernel's default
+    split (about 1024 programs), 3 stages to 4 rows and 2 above (8192x8192: M=1 18.3 us against 24.9 for the
+    Triton kernel, M=64 35.7 against 54.0)."""
+    split = nvfp4_mgpu.default_split(n // nvfp4_mgpu.TILE_M, k // 256)
+    return MatmulConfig(method="mgpu", bk=256, split_k=split, num_stages=3 if m <= 4 else 2)
+
+
+def mgpu_pays(m: int, n: int, k: int) -> bool:
+    """Where the Mosaic GPU kernel measured faster: up to 16 rows at every shape tried, up to 64 rows on
+    matrices of 2^26+ weights (the expert matrices at M=64: 11.5 against 10.9 us)."""
+    return m <= 16 or (m <= nvfp4_mgpu.MAX_ROWS and n * k >= 1 << 26)
 
 
 def default_config(m: int, n: int, k: int, *, mgpu: bool = True) -> MatmulConfig:
     """Per-shape configuration for ``x [m, k] @ W[n, k]^T`` with the *padded* weight sizes (H200 measurements,
-    BENCHMARKS.md): on Hopper the Mosaic GPU kernel for M <= 64 (:func:`mgpu_config`; ``mgpu=False``: never);
+    BENCHMARKS.md): on Hopper the Mosaic GPU kernel where it pays (:func:`mgpu_pays`, :func:`mgpu_config`;
+    ``mgpu=False``: never);
     else decode-sized M uses swapped operands, small tiles and split-K to fill 132 SMs; large M dequantises
     once and calls cuBLAS."""
-    if mgpu and m <= nvfp4_mgpu.MAX_ROWS and nvfp4_mgpu.supported(k, n) and nvfp4_mgpu.available():
+    if mgpu and mgpu_pays(m, n, k) and nvfp4_mgpu.supported(k, n) and nvfp4_mgpu.available():
         return mgpu_config(m, n, k)
     if m > 64:
         # Measured (BENCHMARKS.md): from M = 256 on, one exact bf16 dequantisation + cuBLAS beats the fused
@@ -286,7 +293,7 @@ def nvfp4_matmul(x: jax.Array, p: Nvfp4Packed, out_dtype=jnp.bfloat16, *, act_sc
     if m == 0:
         return jnp.zeros((*lead, p.n), out_dtype)
     if cfg.method == "mgpu":
-        mcfg = nvfp4_mgpu.MgpuConfig(tile_k=cfg.bk, split=cfg.split_k or None, stages=cfg.num_stages)
+        mcfg = nvfp4_mgpu.MgpuConfig.from_step(cfg.bk, cfg.split_k or None, cfg.num_stages)
         y = nvfp4_mgpu.nvfp4_matmul_mgpu(x2, p, scale, jnp.dtype(out_dtype), mcfg, interpret)
     elif cfg.method == "dequant_dot":
         w = nvfp4_dequantize(p, decode=cfg.decode, interpret=interpret)

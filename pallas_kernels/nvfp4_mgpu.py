@@ -61,12 +61,19 @@ IDX_ROW = 128
 
 @dataclasses.dataclass(frozen=True)
 class MgpuConfig:
-    """``tile_k``: logical K columns per pipeline step (128 or 256); ``split``: K slices (programs along K;
-    ``None``: :func:`default_split`); ``stages``: pipeline depth."""
+    """``tile_k``: K columns of one decode + wgmma (128 or 256); ``sub``: such steps per pipeline step (1 or
+    2); ``split``: K slices (programs along K; ``None``: :func:`default_split`); ``stages``: pipeline depth."""
 
     tile_k: int = 256
     split: int | None = None
     stages: int = 4
+    sub: int = 1
+
+    @classmethod
+    def from_step(cls, bk: int, split: int | None, stages: int) -> MgpuConfig:
+        """The configuration of a pipeline step of ``bk`` columns (128, 256 or 512)."""
+        tile_k = min(bk, 256)
+        return cls(tile_k=tile_k, split=split, stages=stages, sub=bk // tile_k)
 
 
 def supported(kp: int, np_: int, tile_k: int = 256) -> bool:
@@ -205,16 +212,19 @@ def _transforms(row_bytes: int, elem_bits: int):
 # The kernel.
 
 def block_gemv(codes: jax.Array, scales: jax.Array, rows: jax.Array, block_matrix: jax.Array | None, *,
-               n_weights: int = 1, tile_k: int = 256, split: int = 1, stages: int = 4,
-               interpret: bool = False) -> jax.Array:
+               n_weights: int = 1, tile_k: int = 256, sub: int = 1, split: int = 1, stages: int = 4,
+               shared_rows: bool = False, interpret: bool = False) -> jax.Array:
     """``out [split, B, n_weights*Np, R]`` fp32 with ``sum_s out[s, b, w*Np + n, r] = sum_k W_w[e_b][n, k]
     rows[b, r, k] * 2^-7`` (``W = E2M1 x weight_scale``, global scale excluded).
 
     ``codes``: ``n_weights`` stacks ``[E, Np, Kp/2]`` uint8 (packed layout), ``scales`` the matching ``[E, Np,
     Kp/16]`` e4m3 (the stacks of one call share their shape; the MoE passes w1 and w3 together, their
     outputs side by side along N); ``rows [B, R, Kp]`` bf16 in virtual column order (:func:`to_virtual`),
-    ``R`` a multiple of 8; ``block_matrix [B]`` int32 the matrix ``e_b`` of each block (``-1``: the block is
-    skipped and its output left unwritten; ``None``: every block uses matrix 0)."""
+    ``R`` a multiple of 8, or with ``shared_rows`` ``rows [ceil(B/R), R, Kp]`` of which block ``b`` multiplies
+    ``rows[b // R]`` (blocks of one live row each, row ``b % R``, without padding each to ``R`` rows);
+    ``block_matrix [B]`` int32 the matrix ``e_b`` of each block (``-1``: the block is skipped and its output
+    left unwritten; ``None``: every block uses matrix 0). A pipeline step spans ``sub`` steps of ``tile_k``
+    columns (fewer, larger copies)."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -225,13 +235,22 @@ def block_gemv(codes: jax.Array, scales: jax.Array, rows: jax.Array, block_matri
     n_e, np_, kp2 = codes[0].shape
     kp = 2 * kp2
     n_b, r, kr = rows.shape
-    if kr != kp or r % 8 or not 8 <= r <= MAX_ROWS or not supported(kp, np_, tile_k):
-        raise ValueError(f"block_gemv: rows {rows.shape}, codes {codes[0].shape}, tile_k {tile_k}")
-    steps = kp // tile_k
-    if steps % split:
-        raise ValueError(f"split={split} does not divide the {steps} steps of {tile_k} columns")
+    if shared_rows:
+        if block_matrix is None:
+            raise ValueError("shared_rows needs block_matrix")
+        n_b = block_matrix.shape[0]
+        if -(-n_b // r) != rows.shape[0]:
+            raise ValueError(f"shared_rows: {n_b} blocks need {-(-n_b // r)} row blocks of {r}, got {rows.shape}")
+    if kr != kp or r % 8 or not 8 <= r <= MAX_ROWS or not supported(kp, np_, tile_k) or sub not in (1, 2) \
+            or n_b < 1:
+        raise ValueError(f"block_gemv: rows {rows.shape}, codes {codes[0].shape}, tile_k {tile_k}, sub {sub}")
+    wide = tile_k * sub  # columns a pipeline step
+    steps = kp // wide
+    if kp % wide or steps % split:
+        raise ValueError(f"split={split} does not divide the {kp // tile_k} steps of {tile_k} columns by {sub}")
     kper, sper = kp // split, steps // split
-    nb = tile_k // 32
+    nb = tile_k // 32  # scale bytes of each half a sub-step
+    nbs = nb * sub  # ... a pipeline step (4, 8 or 16: never straddles a 16-byte row)
     n_tiles = np_ // TILE_M
     # Scales as rows of 16 bytes: [E, Np, Kp/256, 16]; a step's nb lo (hi) blocks start at byte nb*step (+ Kp/32).
     svs = [lax.bitcast_convert_type(s, jnp.uint8).reshape(n_e, np_, kp // (16 * UNIT), UNIT) for s in scales]
@@ -254,27 +273,30 @@ def block_gemv(codes: jax.Array, scales: jax.Array, rows: jax.Array, block_matri
 
         def step(idx, c_smem, sl_smem, sh_smem, x_smem, acc):
             (kk,) = idx
-            lo = nb * (si * sper + kk)
+            lo = nbs * (si * sper + kk)
             off_lo, off_hi = lo % UNIT, (kp // 32 + lo) % UNIT
-            s_lo = sl_smem.at[:, 0, pl.ds(off_lo, nb)]
-            s_hi = sh_smem.at[:, 0, pl.ds(off_hi, nb)]
-            if interpret:
-                a_smem[...] = _decode_arrays(c_smem[...], s_lo[...], s_hi[...], tile_k)
-                plgpu.commit_smem()
-                plgpu.wgmma(acc, a_smem, x_smem.T)
-            else:
-                a = decode(plgpu.load(c_smem, layout=plgpu.Layout.WGMMA_8BIT), s_lo, s_hi)
-                plgpu.wgmma(acc, a, x_smem.T)
-            plgpu.wgmma_wait(0)
+            for j in range(sub):
+                c = c_smem.at[:, pl.ds(j * (tile_k // 2), tile_k // 2)] if sub > 1 else c_smem
+                x = x_smem.at[:, pl.ds(j * tile_k, tile_k)] if sub > 1 else x_smem
+                s_lo = sl_smem.at[:, 0, pl.ds(off_lo + j * nb, nb)]
+                s_hi = sh_smem.at[:, 0, pl.ds(off_hi + j * nb, nb)]
+                if interpret:
+                    a_smem[...] = _decode_arrays(c[...], s_lo[...], s_hi[...], tile_k)
+                    plgpu.commit_smem()
+                    plgpu.wgmma(acc, a_smem, x.T)
+                else:
+                    a = decode(plgpu.load(c, layout=plgpu.Layout.WGMMA_8BIT), s_lo, s_hi)
+                    plgpu.wgmma(acc, a, x.T)
+                plgpu.wgmma_wait(0)
             return acc
 
         def s_index(base):
-            return lambda kk: (0, (base + nb * (si * sper + kk)) // UNIT, 0)
+            return lambda kk: (0, (base + nbs * (si * sper + kk)) // UNIT, 0)
 
-        in_specs = [plgpu.BlockSpec((TILE_M, tile_k // 2), lambda kk: (0, kk), transforms=_transforms(tile_k // 2, 8)),
+        in_specs = [plgpu.BlockSpec((TILE_M, wide // 2), lambda kk: (0, kk), transforms=_transforms(wide // 2, 8)),
                     plgpu.BlockSpec((TILE_M, 1, UNIT), s_index(0)),
                     plgpu.BlockSpec((TILE_M, 1, UNIT), s_index(kp // 32)),
-                    plgpu.BlockSpec((r, tile_k), lambda kk: (0, kk), transforms=_transforms(tile_k * 2, 16))]
+                    plgpu.BlockSpec((r, wide), lambda kk: (0, kk), transforms=_transforms(wide * 2, 16))]
 
         def run(c_ref, s_ref):
             @functools.partial(pl.run_scoped, acc=plgpu.ACC((TILE_M, r), jnp.float32))
@@ -283,7 +305,7 @@ def block_gemv(codes: jax.Array, scales: jax.Array, rows: jax.Array, block_matri
                                     init_carry=acc)(
                     c_ref.at[e].at[pl.ds(row0, TILE_M), pl.ds(si * (kper // 2), kper // 2)],
                     s_ref.at[e].at[pl.ds(row0, TILE_M)], s_ref.at[e].at[pl.ds(row0, TILE_M)],
-                    x_gmem.at[b].at[:, pl.ds(si * kper, kper)])
+                    x_gmem.at[b // r if shared_rows else b].at[:, pl.ds(si * kper, kper)])
                 o_smem[...] = acc[...]
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, b, pl.ds(mi * TILE_M, TILE_M), :])
@@ -347,10 +369,10 @@ def nvfp4_matmul_mgpu(x: jax.Array, p: Nvfp4Packed, scale: jax.Array, out_dtype=
         raise ValueError(f"nvfp4_matmul_mgpu takes 1..{MAX_ROWS} rows, got {m}")
     kp, np_ = p.kp, p.np_
     cfg = cfg or matmul_config(m, np_, kp)
-    split = cfg.split or default_split(np_ // TILE_M, kp // cfg.tile_k)
+    split = cfg.split or default_split(np_ // TILE_M, kp // (cfg.tile_k * cfg.sub))
     mp = -(-m // 8) * 8
     xv = to_virtual(jnp.pad(x.astype(jnp.bfloat16), ((0, mp - m), (0, kp - x.shape[1]))), cfg.tile_k)
-    out = block_gemv(p.qweight[None], p.scale[None], xv[None], None, tile_k=cfg.tile_k, split=split,
+    out = block_gemv(p.qweight[None], p.scale[None], xv[None], None, tile_k=cfg.tile_k, sub=cfg.sub, split=split,
                      stages=cfg.stages, interpret=interpret)
     y = out.sum(0)[0, :p.n, :m].T
     return (y * (scale * UNDO_DECODE_SCALE)).astype(out_dtype)
@@ -369,6 +391,15 @@ class MoeMgpuConfig:
     rows: int = 8
     w13: MgpuConfig = MgpuConfig()
     w2: MgpuConfig = MgpuConfig()
+
+
+def _fit(c: MgpuConfig, kp: int) -> MgpuConfig:
+    """``c`` with its step and split reduced until they divide ``kp`` (a multiple of 256)."""
+    while kp % (c.tile_k * c.sub):
+        c = dataclasses.replace(c, sub=1) if c.sub > 1 else dataclasses.replace(c, tile_k=c.tile_k // 2)
+    while c.split and (kp // (c.tile_k * c.sub)) % c.split:
+        c = dataclasses.replace(c, split=c.split // 2)
+    return c
 
 
 def moe_supported(w1: Nvfp4Packed, w2: Nvfp4Packed, tile_k: int = 256) -> bool:
@@ -401,12 +432,15 @@ def _moe(x, ids, weights, w1: Nvfp4Packed, w2: Nvfp4Packed, w3: Nvfp4Packed, lim
     if w3.n != n_i or w1.k != d or w3.k != d or w2.k != n_i or w2.n != d or w1.qweight.shape != w3.qweight.shape:
         raise ValueError(f"expert shapes w1 {w1.shape}, w3 {w3.shape}, w2 {w2.shape} do not match D={d}")
     x = x.astype(jnp.bfloat16)
-    if cfg.schedule == "pairs":  # block p = pair p: its token's row, then 7 zero rows
+    pairs = cfg.schedule == "pairs"
+    if pairs:  # block p = pair p: row block p // 8 of the pairs' rows (its own row p % 8; the others' unused)
         r = 8
         e_b = ids.reshape(-1).astype(jnp.int32)
         n_b = e_b.shape[0]
-        xr = jnp.pad(jnp.repeat(x, k, axis=0)[:, None], ((0, 0), (0, r - 1), (0, w1.kp - d)))
-        row_weight = jnp.pad(weights.reshape(n_b, 1).astype(jnp.float32), ((0, 0), (0, r - 1)))
+        n_rb = -(-n_b // r)
+        xr = jnp.pad(jnp.repeat(x, k, axis=0), ((0, n_rb * r - n_b), (0, w1.kp - d))).reshape(n_rb, r, w1.kp)
+        row_weight = weights.reshape(n_b, 1).astype(jnp.float32)
+        own = (jnp.arange(n_b) % r)[:, None, None]  # each block's column of its output
     elif cfg.schedule == "sorted":
         r = cfg.rows
         sched = make_schedule(ids, weights, n_e, r)
@@ -419,27 +453,30 @@ def _moe(x, ids, weights, w1: Nvfp4Packed, w2: Nvfp4Packed, w3: Nvfp4Packed, lim
         raise ValueError(f"unknown schedule {cfg.schedule!r}")
     e_safe = jnp.maximum(e_b, 0)
 
-    def splits(c: MgpuConfig, np_: int, kp: int, n_w: int) -> int:
-        return c.split or default_split(n_b * n_w * np_ // TILE_M, kp // c.tile_k)
+    def launch(c: MgpuConfig, codes, scales, rows, n_w: int):
+        np_, kp = codes[0].shape[-2], 2 * codes[0].shape[-1]
+        c = _fit(c, kp)  # one configuration serves w13 and w2: shorter steps / fewer splits where K is short
+        split = c.split or default_split(n_b * n_w * np_ // TILE_M, kp // (c.tile_k * c.sub))
+        return block_gemv(codes, scales, to_virtual(rows, c.tile_k), e_b, n_weights=n_w, tile_k=c.tile_k,
+                          sub=c.sub, split=split, stages=c.stages, shared_rows=pairs, interpret=interpret)
 
-    c13 = cfg.w13
-    o13 = block_gemv((w1.qweight, w3.qweight), (w1.scale, w3.scale), to_virtual(xr, c13.tile_k), e_b, n_weights=2,
-                     tile_k=c13.tile_k, split=splits(c13, w1.np_, w1.kp, 2), stages=c13.stages,
-                     interpret=interpret)
+    o13 = launch(cfg.w13, (w1.qweight, w3.qweight), (w1.scale, w3.scale), xr, 2)
     h13 = o13.sum(0)  # [B, 2 Np, R]
+    if pairs:
+        h13 = jnp.take_along_axis(h13, own, axis=2)
     np1 = w1.np_
     a = h13[:, :n_i] * (UNDO_DECODE_SCALE * w1.weight_scale_2[e_safe])[:, None, None]
     u = h13[:, np1:np1 + n_i] * (UNDO_DECODE_SCALE * w3.weight_scale_2[e_safe])[:, None, None]
     a = jnp.minimum(a, limit)
     u = jnp.clip(u, -limit, limit)
-    h = jax.nn.silu(a) * u * row_weight[:, None, :]  # [B, I, R]
+    h = jax.nn.silu(a) * u * row_weight[:, None, :]  # [B, I, R] (R = 1: pairs)
     h = jnp.pad(h.transpose(0, 2, 1).astype(jnp.bfloat16), ((0, 0), (0, 0), (0, w2.kp - n_i)))
-    c2 = cfg.w2
-    o2 = block_gemv(w2.qweight, w2.scale, to_virtual(h, c2.tile_k), e_b, tile_k=c2.tile_k,
-                    split=splits(c2, w2.np_, w2.kp, 1), stages=c2.stages, interpret=interpret)
+    if pairs:
+        h = jnp.pad(h[:, 0], ((0, n_rb * r - n_b), (0, 0))).reshape(n_rb, r, w2.kp)
+    o2 = launch(cfg.w2, (w2.qweight,), (w2.scale,), h, 1)
     scale2 = UNDO_DECODE_SCALE * w2.weight_scale_2[e_safe]
-    if cfg.schedule == "pairs":
-        y = o2.sum(0)[:, :d, 0] * scale2[:, None]  # [P, D]
+    if pairs:
+        y = jnp.take_along_axis(o2.sum(0)[:, :d], own, axis=2)[..., 0] * scale2[:, None]  # [P, D]
         y = jnp.where((e_b >= 0)[:, None], y, 0.0)  # skipped pairs' blocks are unwritten
     else:
         y = o2.sum(0)[:, :d] * scale2[:, None, None]  # [B, D, R]

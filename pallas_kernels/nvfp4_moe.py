@@ -52,8 +52,8 @@ class MoeConfig:
 
     ``"mgpu_pairs"`` / ``"mgpu_sorted"``: the Mosaic GPU kernels of :mod:`pallas_kernels.nvfp4_mgpu` (Hopper
     only) with the same two schedules, ``bm`` rows per block of the sorted one (8-64), ``bk`` their
-    ``tile_k``, ``split13`` / ``split2`` their K splits (0: the kernel's default), ``num_stages`` their
-    pipeline depth."""
+    pipeline step (128, 256 or 512 columns), ``split13`` / ``split2`` their K splits (0: the kernel's
+    default), ``num_stages`` their pipeline depth."""
 
     bm: int = 16
     bn13: int = 64
@@ -70,16 +70,16 @@ class MoeConfig:
 
 
 def mgpu_config(pairs: int) -> MoeConfig | None:
-    """The Mosaic GPU schedule where it measured faster than the Triton kernels (H200, BENCHMARKS.md), or
-    None."""
+    """The Mosaic GPU schedule where it measured faster than the Triton kernels (H200, 256 experts of Flash's
+    shape, BENCHMARKS.md, session 8), or None: one block per pair to 32 pairs (batch 1: 45.4 against 55.2 us),
+    then blocks of 8 sorted rows to 64 tokens (1028 against 1942 us), 16 rows to 256 tokens (1633 against
+    2456), 32 rows to 1024 tokens (2850 against 3371)."""
     if pairs <= PAIRWISE_MAX:
-        return MoeConfig(schedule="mgpu_pairs", bk=256, split13=0, split2=0, num_stages=4)
-    if pairs <= MGPU_SORTED_MAX:
-        return MoeConfig(schedule="mgpu_sorted", bm=8, bk=256, split13=0, split2=0, num_stages=4)
+        return MoeConfig(schedule="mgpu_pairs", bk=256, split13=1, split2=1, num_stages=4)
+    for rows, most, stages in ((8, 6 * 64, 3), (16, 6 * 256, 4), (32, 6 * 1024, 4)):
+        if pairs <= most:
+            return MoeConfig(schedule="mgpu_sorted", bm=rows, bk=256, split13=0, split2=0, num_stages=stages)
     return None
-
-
-MGPU_SORTED_MAX = 6 * 64
 
 
 def default_config(pairs: int, *, mgpu: bool = True) -> MoeConfig:
@@ -419,7 +419,7 @@ def _moe(x, ids, weights, w1: Nvfp4Packed, w2: Nvfp4Packed, w3: Nvfp4Packed, lim
         raise ValueError(f"expert shapes w1 {w1.shape}, w3 {w3.shape}, w2 {w2.shape} do not match D={d}")
     if cfg.schedule in ("mgpu_pairs", "mgpu_sorted"):
         def tiles(split):
-            return nvfp4_mgpu.MgpuConfig(tile_k=cfg.bk, split=split or None, stages=cfg.num_stages)
+            return nvfp4_mgpu.MgpuConfig.from_step(cfg.bk, split or None, cfg.num_stages)
 
         mcfg = nvfp4_mgpu.MoeMgpuConfig(schedule=cfg.schedule[5:], rows=cfg.bm, w13=tiles(cfg.split13),
                                          w2=tiles(cfg.split2))

@@ -55,9 +55,10 @@ def test_ptx_data_movement_model_equals_reference(n, k, tile_k):
 
 
 @pytest.mark.parametrize("m,n,k,tile_k,split", [(3, 200, 304, 256, 1), (1, 64, 1024, 128, 2),
-                                                (9, 128, 512, 256, 2), (17, 192, 256, 128, 1)])
+                                                (9, 128, 1024, 512, 2), (17, 192, 256, 128, 1)])
 def test_dense_kernel_equals_reference_interpret(m, n, k, tile_k, split):
-    """Ragged M, N, K (padding rows and columns), both step widths, split K; through ``nvfp4_matmul``."""
+    """Ragged M, N, K (padding rows and columns), every step width (512: two 256-column decodes a step),
+    split K; through ``nvfp4_matmul``."""
     _interpret_or_skip()
     r = rng()
     w, x = nvfp4(r, n, k), bf16(r, m, k)
@@ -75,8 +76,8 @@ def _experts(r, e=E, d=D, i=I):
     return (w1, w2, w3), tuple(L.pack_nvfp4(w) for w in (w1, w2, w3))
 
 
-def _moe_cfg(schedule, bm=8):
-    return MO.MoeConfig(schedule=schedule, bm=bm, bk=128, split13=2, split2=1, num_stages=2)
+def _moe_cfg(schedule, bm=8, bk=128):
+    return MO.MoeConfig(schedule=schedule, bm=bm, bk=bk, split13=2, split2=1, num_stages=2)
 
 
 @pytest.mark.parametrize("schedule,t,kind", [("mgpu_pairs", 3, "random"), ("mgpu_sorted", 6, "random"),
@@ -97,7 +98,8 @@ def test_grouped_kernel_equals_reference_interpret(schedule, t, kind):
         skip[0, 1] = skip[1, :2] = True
         ids, ref_ids, ref_w = np.where(skip, -1, ids), np.where(skip, 0, ids), np.where(skip, 0.0, wts)
     x = bf16(r, t, D, scale=3.0)
-    y = MO.nvfp4_moe(x, jnp.asarray(ids), jnp.asarray(wts), *ps, 4.0, config=_moe_cfg(schedule), interpret=True)
+    cfg = _moe_cfg(schedule, bk=512 if kind == "one_expert" else 128)
+    y = MO.nvfp4_moe(x, jnp.asarray(ids), jnp.asarray(wts), *ps, 4.0, config=cfg, interpret=True)
     assert y.shape == (t, D) and y.dtype == jnp.float32
     assert rel(y, MO.nvfp4_moe_reference(x, jnp.asarray(ref_ids), jnp.asarray(ref_w), *ws, 4.0)) < MOE_TOL
 
@@ -166,8 +168,7 @@ def test_gpu_every_scale_byte_and_code_is_exact():
     byte = np.arange(n * k // 16) % 256
     byte = np.where(np.isfinite(np.arange(256, dtype=np.uint8).view(jnp.float8_e4m3fn).astype(np.float32))[byte],
                     byte, 0).astype(np.uint8).reshape(n, k // 16)
-    codes = (np.arange(n * k) % 16).reshape(n, k).astype(np.uint8)
-    codes = np.roll(codes, np.arange(n)[:, None] % 7, axis=1)
+    codes = ((np.arange(k)[None, :] + 3 * np.arange(n)[:, None]) % 16).astype(np.uint8)
     w = quant.Nvfp4(quant.pack_nibbles(jnp.asarray(codes)), jnp.asarray(byte.view(jnp.float8_e4m3fn)),
                     jnp.float32(1.0), jnp.float32(1.0))
     p = L.pack_nvfp4(w)
