@@ -213,7 +213,7 @@ def _transforms(row_bytes: int, elem_bits: int):
 
 def block_gemv(codes: jax.Array, scales: jax.Array, rows: jax.Array, block_matrix: jax.Array | None, *,
                n_weights: int = 1, tile_k: int = 256, sub: int = 1, split: int = 1, stages: int = 4,
-               shared_rows: bool = False, interpret: bool = False) -> jax.Array:
+               shared_rows: bool = False, scales_once: bool | None = None, interpret: bool = False) -> jax.Array:
     """``out [split, B, n_weights*Np, R]`` fp32 with ``sum_s out[s, b, w*Np + n, r] = sum_k W_w[e_b][n, k]
     rows[b, r, k] * 2^-7`` (``W = E2M1 x weight_scale``, global scale excluded).
 
@@ -224,7 +224,8 @@ def block_gemv(codes: jax.Array, scales: jax.Array, rows: jax.Array, block_matri
     ``rows[b // R]`` (blocks of one live row each, row ``b % R``, without padding each to ``R`` rows);
     ``block_matrix [B]`` int32 the matrix ``e_b`` of each block (``-1``: the block is skipped and its output
     left unwritten; ``None``: every block uses matrix 0). A pipeline step spans ``sub`` steps of ``tile_k``
-    columns (fewer, larger copies)."""
+    columns (fewer, larger copies). ``scales_once``: each program copies the block scales of its whole K range
+    once, when it starts, instead of two small copies a step (default: where the 16-byte rows allow it)."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -256,8 +257,13 @@ def block_gemv(codes: jax.Array, scales: jax.Array, rows: jax.Array, block_matri
     svs = [lax.bitcast_convert_type(s, jnp.uint8).reshape(n_e, np_, kp // (16 * UNIT), UNIT) for s in scales]
     decode = None if interpret else _decode_ptx(tile_k)
     grouped = block_matrix is not None
+    nu = kper // (32 * UNIT)  # 16-byte rows of scales of each half a program
+    once_ok = kp % (32 * UNIT) == 0 and kper % (32 * UNIT) == 0 and nu <= 256
+    once = once_ok if scales_once is None else scales_once
+    if once and not once_ok:
+        raise ValueError(f"scales_once needs Kp and Kp/split multiples of {32 * UNIT}, got {kp}, {kper}")
 
-    def body(*refs, o_smem, a_smem=None, i_smem=None, barrier=None):
+    def body(*refs, o_smem, a_smem=None, i_smem=None, barrier=None, sl_all=None, sh_all=None, s_bars=None):
         if grouped:
             i_gmem, refs = refs[0], refs[1:]
         c_gmem, s_gmem, x_gmem, o_gmem = refs[:n_weights], refs[n_weights:2 * n_weights], refs[-2], refs[-1]
@@ -271,15 +277,29 @@ def block_gemv(codes: jax.Array, scales: jax.Array, rows: jax.Array, block_matri
         w_of = mi // n_tiles
         row0 = (mi % n_tiles) * TILE_M
 
-        def step(idx, c_smem, sl_smem, sh_smem, x_smem, acc):
+        def step(idx, c_smem, *rest):
             (kk,) = idx
-            lo = nbs * (si * sper + kk)
-            off_lo, off_hi = lo % UNIT, (kp // 32 + lo) % UNIT
+            if once:
+                x_smem, acc = rest
+
+                @pl.when(kk == 0)
+                def _():  # this program's scales (copied before the pipeline started)
+                    plgpu.barrier_wait(s_bars.at[0])
+                    plgpu.barrier_wait(s_bars.at[1])
+            else:
+                sl_smem, sh_smem, x_smem, acc = rest
+                lo = nbs * (si * sper + kk)
+                off_lo, off_hi = lo % UNIT, (kp // 32 + lo) % UNIT
             for j in range(sub):
                 c = c_smem.at[:, pl.ds(j * (tile_k // 2), tile_k // 2)] if sub > 1 else c_smem
                 x = x_smem.at[:, pl.ds(j * tile_k, tile_k)] if sub > 1 else x_smem
-                s_lo = sl_smem.at[:, 0, pl.ds(off_lo + j * nb, nb)]
-                s_hi = sh_smem.at[:, 0, pl.ds(off_hi + j * nb, nb)]
+                if once:
+                    q = nbs * kk + j * nb  # byte of this program's scale rows
+                    s_lo = sl_all.at[:, q // UNIT, pl.ds(q % UNIT, nb)]
+                    s_hi = sh_all.at[:, q // UNIT, pl.ds(q % UNIT, nb)]
+                else:
+                    s_lo = sl_smem.at[:, 0, pl.ds(off_lo + j * nb, nb)]
+                    s_hi = sh_smem.at[:, 0, pl.ds(off_hi + j * nb, nb)]
                 if interpret:
                     a_smem[...] = _decode_arrays(c[...], s_lo[...], s_hi[...], tile_k)
                     plgpu.commit_smem()
@@ -293,19 +313,24 @@ def block_gemv(codes: jax.Array, scales: jax.Array, rows: jax.Array, block_matri
         def s_index(base):
             return lambda kk: (0, (base + nbs * (si * sper + kk)) // UNIT, 0)
 
-        in_specs = [plgpu.BlockSpec((TILE_M, wide // 2), lambda kk: (0, kk), transforms=_transforms(wide // 2, 8)),
-                    plgpu.BlockSpec((TILE_M, 1, UNIT), s_index(0)),
-                    plgpu.BlockSpec((TILE_M, 1, UNIT), s_index(kp // 32)),
-                    plgpu.BlockSpec((r, wide), lambda kk: (0, kk), transforms=_transforms(wide * 2, 16))]
+        c_spec = plgpu.BlockSpec((TILE_M, wide // 2), lambda kk: (0, kk), transforms=_transforms(wide // 2, 8))
+        x_spec = plgpu.BlockSpec((r, wide), lambda kk: (0, kk), transforms=_transforms(wide * 2, 16))
+        s_specs = [plgpu.BlockSpec((TILE_M, 1, UNIT), s_index(0)), plgpu.BlockSpec((TILE_M, 1, UNIT), s_index(kp // 32))]
 
         def run(c_ref, s_ref):
+            s_rows = s_ref.at[e].at[pl.ds(row0, TILE_M)]
+            if once:
+                for bar, dst, u0 in ((0, sl_all, 0), (1, sh_all, kp // (32 * UNIT))):
+                    plgpu.copy_gmem_to_smem(s_rows.at[:, pl.ds(u0 + si * nu, nu)], dst, s_bars.at[bar])
+
             @functools.partial(pl.run_scoped, acc=plgpu.ACC((TILE_M, r), jnp.float32))
             def _scope(acc):
-                plgpu.emit_pipeline(step, grid=(sper,), in_specs=in_specs, max_concurrent_steps=stages,
-                                    init_carry=acc)(
-                    c_ref.at[e].at[pl.ds(row0, TILE_M), pl.ds(si * (kper // 2), kper // 2)],
-                    s_ref.at[e].at[pl.ds(row0, TILE_M)], s_ref.at[e].at[pl.ds(row0, TILE_M)],
-                    x_gmem.at[b // r if shared_rows else b].at[:, pl.ds(si * kper, kper)])
+                codes_in = c_ref.at[e].at[pl.ds(row0, TILE_M), pl.ds(si * (kper // 2), kper // 2)]
+                rows_in = x_gmem.at[b // r if shared_rows else b].at[:, pl.ds(si * kper, kper)]
+                specs, ins = ([c_spec, x_spec], (codes_in, rows_in)) if once else \
+                    ([c_spec, *s_specs, x_spec], (codes_in, s_rows, s_rows, rows_in))
+                plgpu.emit_pipeline(step, grid=(sper,), in_specs=specs, max_concurrent_steps=stages,
+                                    init_carry=acc)(*ins)
                 o_smem[...] = acc[...]
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, b, pl.ds(mi * TILE_M, TILE_M), :])
@@ -329,6 +354,10 @@ def block_gemv(codes: jax.Array, scales: jax.Array, rows: jax.Array, block_matri
     scratch = {"o_smem": plgpu.SMEM((TILE_M, r), jnp.float32, transforms=_transforms(r * 4, 32))}
     if interpret:
         scratch["a_smem"] = plgpu.SMEM((TILE_M, tile_k), jnp.bfloat16, transforms=_transforms(tile_k * 2, 16))
+    if once:
+        scratch["sl_all"] = plgpu.SMEM((TILE_M, nu, UNIT), jnp.uint8)
+        scratch["sh_all"] = plgpu.SMEM((TILE_M, nu, UNIT), jnp.uint8)
+        scratch["s_bars"] = plgpu.Barrier(num_arrivals=1, num_barriers=2)
     args = [*codes, *svs, rows]
     if grouped:
         n_idx = -(-n_b // IDX_ROW)  # [rows, 128]: one TMA copy for up to 32768 blocks

@@ -58,7 +58,8 @@ def test_ptx_data_movement_model_equals_reference(n, k, tile_k):
                                                 (9, 128, 1024, 512, 2), (17, 192, 256, 128, 1)])
 def test_dense_kernel_equals_reference_interpret(m, n, k, tile_k, split):
     """Ragged M, N, K (padding rows and columns), every step width (512: two 256-column decodes a step),
-    split K; through ``nvfp4_matmul``."""
+    split K, the scales copied once per program (K slices of 512+) or a step at a time; through
+    ``nvfp4_matmul``."""
     _interpret_or_skip()
     r = rng()
     w, x = nvfp4(r, n, k), bf16(r, m, k)
@@ -68,7 +69,7 @@ def test_dense_kernel_equals_reference_interpret(m, n, k, tile_k, split):
     assert rel(y, NM.nvfp4_matmul_reference(x, w, jnp.float32)) < F32_TOL
 
 
-E, D, I, K = 5, 256, 128, 4
+E, D, I, K = 5, 512, 128, 4
 
 
 def _experts(r, e=E, d=D, i=I):
@@ -76,8 +77,8 @@ def _experts(r, e=E, d=D, i=I):
     return (w1, w2, w3), tuple(L.pack_nvfp4(w) for w in (w1, w2, w3))
 
 
-def _moe_cfg(schedule, bm=8, bk=128):
-    return MO.MoeConfig(schedule=schedule, bm=bm, bk=bk, split13=2, split2=1, num_stages=2)
+def _moe_cfg(schedule, bm=8, bk=128, split13=2):
+    return MO.MoeConfig(schedule=schedule, bm=bm, bk=bk, split13=split13, split2=1, num_stages=2)
 
 
 @pytest.mark.parametrize("schedule,t,kind", [("mgpu_pairs", 3, "random"), ("mgpu_sorted", 6, "random"),
@@ -98,7 +99,8 @@ def test_grouped_kernel_equals_reference_interpret(schedule, t, kind):
         skip[0, 1] = skip[1, :2] = True
         ids, ref_ids, ref_w = np.where(skip, -1, ids), np.where(skip, 0, ids), np.where(skip, 0.0, wts)
     x = bf16(r, t, D, scale=3.0)
-    cfg = _moe_cfg(schedule, bk=512 if kind == "one_expert" else 128)
+    # (one_expert: w13's scales copied once per program (K 512 unsplit), w2's per step (K 256 is too short))
+    cfg = _moe_cfg(schedule, bk=512, split13=1) if kind == "one_expert" else _moe_cfg(schedule)
     y = MO.nvfp4_moe(x, jnp.asarray(ids), jnp.asarray(wts), *ps, 4.0, config=cfg, interpret=True)
     assert y.shape == (t, D) and y.dtype == jnp.float32
     assert rel(y, MO.nvfp4_moe_reference(x, jnp.asarray(ref_ids), jnp.asarray(ref_w), *ws, 4.0)) < MOE_TOL
@@ -156,7 +158,7 @@ def test_gpu_dense_equals_reference(m):
         for tile_k in (128, 256):
             cfg = NM.MatmulConfig(method="mgpu", bk=tile_k, split_k=0, num_stages=3)
             assert rel(NM.nvfp4_matmul(x, p, jnp.float32, config=cfg), ref) < F32_TOL, (n, k, tile_k)
-        assert NM.default_config(m, p.np_, p.kp).method == "mgpu"
+        assert (NM.default_config(m, p.np_, p.kp).method == "mgpu") == NM.mgpu_pays(m, p.np_, p.kp)
 
 
 @pytest.mark.gpu
