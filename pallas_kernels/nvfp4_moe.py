@@ -71,14 +71,15 @@ class MoeConfig:
 
 def mgpu_config(pairs: int) -> MoeConfig | None:
     """The Mosaic GPU schedule where it measured faster than the Triton kernels (H200, 256 experts of Flash's
-    shape, BENCHMARKS.md, session 8), or None: one block per pair to 32 pairs (batch 1: 45.4 against 55.2 us),
-    then blocks of 8 sorted rows to 64 tokens (1028 against 1942 us), 16 rows to 256 tokens (1633 against
-    2456), 32 rows to 1024 tokens (2850 against 3371)."""
+    shape, BENCHMARKS.md, session 8), or None: one block per pair to 32 pairs (batch 1: 42.0 against 55.2 us),
+    then blocks of 8 sorted rows to 64 tokens (966 against 1942 us), 16 rows to 256 tokens (1633 against
+    2456 with 256-column steps), 32 rows to 1024 tokens (2850 against 3371, idem); pipeline steps of 512
+    columns, 2 stages."""
     if pairs <= PAIRWISE_MAX:
-        return MoeConfig(schedule="mgpu_pairs", bk=256, split13=1, split2=1, num_stages=4)
-    for rows, most, stages in ((8, 6 * 64, 3), (16, 6 * 256, 4), (32, 6 * 1024, 4)):
+        return MoeConfig(schedule="mgpu_pairs", bk=512, split13=1, split2=1, num_stages=2)
+    for rows, most in ((8, 6 * 64), (16, 6 * 256), (32, 6 * 1024)):
         if pairs <= most:
-            return MoeConfig(schedule="mgpu_sorted", bm=rows, bk=256, split13=0, split2=0, num_stages=stages)
+            return MoeConfig(schedule="mgpu_sorted", bm=rows, bk=512, split13=0, split2=0, num_stages=2)
     return None
 
 
