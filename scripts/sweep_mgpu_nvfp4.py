@@ -1,0 +1,89 @@
+"""Sweep of the Mosaic GPU NVFP4 kernels (``pallas_kernels.nvfp4_mgpu``) on one Hopper GPU: pipeline step,
+K split and stage count, scales copied once per program or per step, and a diagnostic variant whose "decode"
+only reinterprets the code bytes (no integer work, no scales: wrong numbers, the memory pipeline's own speed).
+Prints median CUPTI kernel time per configuration (BENCHMARKS.md, session 8).
+
+    PYTHONPATH=.:scripts python scripts/sweep_mgpu_nvfp4.py [--moe-tokens 1,4,16,64]
+"""
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from bench_kernels import log, moe_ours, rand_nvfp4, routing
+from cupti_timing import median_kernel_ms
+
+from pallas_kernels import nvfp4_layout as L
+from pallas_kernels import nvfp4_matmul as NM
+from pallas_kernels import nvfp4_mgpu as G
+from pallas_kernels import nvfp4_moe as MO
+
+
+def no_decode(tile_k):
+    """Diagnostic stand-in for ``nvfp4_mgpu._decode_ptx``: each code word reinterpreted as two bf16, no work."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    from jax._src.lib.mlir import ir
+    from jax.experimental.mosaic.gpu import fragmented_array as fa
+    from jax.experimental.mosaic.gpu import utils as mu
+
+    def decode(ctx, codes, s_lo, s_hi):
+        del ctx, s_lo, s_hi
+        i32, bf16x2 = ir.IntegerType.get_signless(32), ir.VectorType.get((2,), ir.BF16Type.get())
+        out = np.empty((1, tile_k // 8, 1, 1, 2, 1, 1, 1, 1), dtype=object)
+        for g in range(tile_k // 32):
+            for h in range(2):
+                w = mu.bitcast(codes.registers[0, g, 0, 0, h, 0, 0, 0, 0], i32)
+                for j in range(4):
+                    out[0, 4 * g + j, 0, 0, h, 0, 0, 0, 0] = mu.bitcast(w, bf16x2)
+        return fa.FragmentedArray(_registers=out, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
+
+    return plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA_8BIT, plgpu.RefType(), plgpu.RefType()),
+                             return_type=plgpu.ShapeDtypeStruct((G.TILE_M, tile_k), jnp.bfloat16, plgpu.Layout.WGMMA)
+                             )(decode)
+
+
+def with_scales_once(flag):
+    block_gemv = G.block_gemv
+
+    def f(*a, **k):
+        return block_gemv(*a, **{**k, "scales_once": flag})
+
+    return f
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--moe-tokens", default="1,4,16,64")
+    args = ap.parse_args()
+    log(jax.devices()[0].device_kind, jax.__version__)
+    real_gemv, real_decode = G.block_gemv, G._decode_ptx
+    n = k = 8192
+    ws = [L.pack_nvfp4(rand_nvfp4(jax.random.key(50 + i), n, k)) for i in range(6)]
+    for m in (1, 16, 64):
+        x = jax.random.normal(jax.random.key(1), (m, k), jnp.bfloat16)
+        cfgs = [(256, 8, 3), (512, 8, 2), (512, 4, 2), (512, 4, 3), (256, 4, 3), (512, 2, 3), (256, 16, 2)]
+        for variant in ("default", "scales per step", "no decode (diagnostic)"):
+            G.block_gemv = with_scales_once(False) if variant == "scales per step" else real_gemv
+            G._decode_ptx = no_decode if variant.startswith("no decode") else real_decode
+            for bk, split, st in cfgs if m == 1 else cfgs[:3]:
+                c = NM.MatmulConfig(method="mgpu", bk=bk, split_k=split, num_stages=st)
+                fn = jax.jit(lambda x, p, c=c: NM.nvfp4_matmul(x, p, jnp.bfloat16, config=c))
+                us = median_kernel_ms(fn, [(x, p) for p in ws], 20) * 1e3
+                log(f"8192^2 M={m} {variant}: step {bk} split {split} stages {st}: {us:.1f} us "
+                    f"({n * k * 0.5625 / us / 1e6:.2f} TB/s)")
+    G.block_gemv, G._decode_ptx = real_gemv, real_decode
+    del ws
+    e, d, i = 256, 4096, 2048
+    ps = [L.pack_nvfp4(rand_nvfp4(jax.random.key(j), e, a, b)) for j, (a, b) in enumerate(((i, d), (d, i), (i, d)))]
+    for t in [int(v) for v in args.moe_tokens.split(",")]:
+        sets = [(jax.random.normal(jax.random.key(j), (t, d), jnp.bfloat16), *routing(jax.random.key(100 + j), t),
+                 *ps) for j in range(4)]
+        sched = "mgpu_pairs" if t * 6 <= MO.PAIRWISE_MAX else "mgpu_sorted"
+        for bk, s13, s2, st in ((512, 1, 1, 2), (256, 1, 1, 4), (512, 2, 1, 2), (512, 0, 0, 2), (256, 0, 0, 3)):
+            cfg = MO.MoeConfig(schedule=sched, bm=8, bk=bk, split13=s13, split2=s2, num_stages=st)
+            us = median_kernel_ms(moe_ours(cfg), sets, 10) * 1e3
+            log(f"MoE {t} tokens {sched}: step {bk} split {s13}/{s2} stages {st}: {us:.1f} us")
+
+
+if __name__ == "__main__":
+    main()
