@@ -1,10 +1,11 @@
 """The one place where the model chooses GPU kernels or pure-JAX references.
 
 * :func:`linear` has the semantics of ``quant.linear``: NVFP4 and FP8-block weights in a bf16 compute dtype go
-  through the Pallas-Triton kernels of ``pallas_kernels`` on GPU; everything else (CPU, fp32 compute,
+  through the kernels of ``pallas_kernels`` on GPU (Pallas-Triton; on Hopper the Mosaic GPU decode kernels
+  where those measured faster, chosen inside ``pallas_kernels``); everything else (CPU, fp32 compute,
   bf16/MXFP4 weights) through ``quant.linear``.
 * :func:`routed_experts` has the semantics of ``moe.routed_experts``: stacked NVFP4 experts in bf16 compute
-  go through the grouped kernels on GPU, otherwise through the reference.
+  go through the grouped kernels on GPU (idem), otherwise through the reference.
 * :func:`prepare_weights` repacks every NVFP4 leaf of a parameter tree into the kernel layout once at load
   time (``load_model`` and ``random_model`` do this on GPUs; exact and reversible: :func:`checkpoint_layout`);
   a checkpoint-layout NVFP4 weight that reaches a kernel is repacked on the fly instead (correct, but one extra

@@ -6,6 +6,8 @@
 * :mod:`.fp8_matmul`    FP8 e4m3 x bf16 with 128x128 power-of-two block scales;
 * :mod:`.fp8_matmul_mgpu`  the same for decode shapes on Hopper in Mosaic GPU (``plgpu``), a second backend
   that ``fp8_matmul`` dispatches where it measured faster;
+* :mod:`.nvfp4_mgpu`    NVFP4 decode-shaped matmuls (dense and grouped MoE) on Hopper in Mosaic GPU, reading the
+  same packed weights, which ``nvfp4_matmul`` and ``nvfp4_moe`` dispatch where they measured faster;
 * :mod:`.nvfp4_act`     W4A4 option (activations quantised to NVFP4 with the checkpoint's input_scale);
 * :mod:`.compressed_attention`  window + compressed-row attention (SWA / CSA / HCA), prefill and decode;
 * :mod:`.indexer_topk`  Lightning Indexer scoring and exact top-k selection;

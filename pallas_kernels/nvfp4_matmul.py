@@ -57,11 +57,11 @@ class MatmulConfig:
 
 
 def mgpu_config(m: int, n: int, k: int) -> MatmulConfig:
-    """The Mosaic GPU kernel's configuration (H200, BENCHMARKS.md, session 8): tile_k 256, the kernel's default
-    split (about 1024 programs), 3 stages to 4 rows and 2 above (8192x8192: M=1 18.3 us against 24.9 for the
-    Triton kernel, M=64 35.7 against 54.0)."""
-    split = nvfp4_mgpu.default_split(n // nvfp4_mgpu.TILE_M, k // 256)
-    return MatmulConfig(method="mgpu", bk=256, split_k=split, num_stages=3 if m <= 4 else 2)
+    """The Mosaic GPU kernel's configuration (:func:`pallas_kernels.nvfp4_mgpu.matmul_config`: 256-column
+    steps, about 1024 programs, 3 stages to 4 rows and 2 above; H200, BENCHMARKS.md, session 8: 8192x8192 M=1
+    18.1-18.7 us against 24.6 for the Triton kernel, M=64 34.2 against 53.3)."""
+    c = nvfp4_mgpu.matmul_config(m, n, k)
+    return MatmulConfig(method="mgpu", bk=c.tile_k * c.sub, split_k=c.split, num_stages=c.stages)
 
 
 def mgpu_pays(m: int, n: int, k: int) -> bool:

@@ -57,6 +57,10 @@ UNIT = 16
 """Scale bytes per TMA row (the ``[Np, Kp/256, 16]`` view)."""
 IDX_ROW = 128
 """Block matrix ids per row of the index array copied to shared memory."""
+ONCE_MAX_BYTES = 32 << 10
+"""Most bytes of block scales a program copies at once (``scales_once``)."""
+SMEM_BYTES = 227 << 10
+"""Shared memory of one program on Hopper (the kernel refuses configurations that need more)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,13 +76,15 @@ class MgpuConfig:
     @classmethod
     def from_step(cls, bk: int, split: int | None, stages: int) -> MgpuConfig:
         """The configuration of a pipeline step of ``bk`` columns (128, 256 or 512)."""
+        if bk not in (128, 256, 512):
+            raise ValueError(f"the Mosaic GPU NVFP4 kernel takes pipeline steps of 128, 256 or 512 columns, got {bk}")
         tile_k = min(bk, 256)
         return cls(tile_k=tile_k, split=split, stages=stages, sub=bk // tile_k)
 
 
 def supported(kp: int, np_: int, tile_k: int = 256) -> bool:
-    """Packed sizes the kernel takes: ``Np`` a multiple of 64 and ``Kp`` of ``tile_k`` (always, for the
-    package's padding of 128 x 256 and the default ``tile_k``)."""
+    """Packed sizes the kernel takes: ``Np`` a multiple of 64 and ``Kp`` of 256 (whole 16-byte rows of block
+    scales; always, for the package's default padding of 128 x 256)."""
     return tile_k in (128, 256) and np_ % TILE_M == 0 and kp % max(tile_k, 16 * UNIT) == 0 and kp > 0
 
 
@@ -213,7 +219,7 @@ def _transforms(row_bytes: int, elem_bits: int):
 
 def block_gemv(codes: jax.Array, scales: jax.Array, rows: jax.Array, block_matrix: jax.Array | None, *,
                n_weights: int = 1, tile_k: int = 256, sub: int = 1, split: int = 1, stages: int = 4,
-               shared_rows: bool = False, scales_once: bool | None = None, interpret: bool = False) -> jax.Array:
+               shared_rows: bool = False, scales_once: bool = False, interpret: bool = False) -> jax.Array:
     """``out [split, B, n_weights*Np, R]`` fp32 with ``sum_s out[s, b, w*Np + n, r] = sum_k W_w[e_b][n, k]
     rows[b, r, k] * 2^-7`` (``W = E2M1 x weight_scale``, global scale excluded).
 
@@ -225,7 +231,8 @@ def block_gemv(codes: jax.Array, scales: jax.Array, rows: jax.Array, block_matri
     ``block_matrix [B]`` int32 the matrix ``e_b`` of each block (``-1``: the block is skipped and its output
     left unwritten; ``None``: every block uses matrix 0). A pipeline step spans ``sub`` steps of ``tile_k``
     columns (fewer, larger copies). ``scales_once``: each program copies the block scales of its whole K range
-    once, when it starts, instead of two small copies a step (default: where the 16-byte rows allow it)."""
+    once, when it starts, instead of two small copies a step (measured no faster: 44.5 against 42.0-42.4 us for
+    the batch-1 MoE in other runs of the same session, so off by default)."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -242,13 +249,21 @@ def block_gemv(codes: jax.Array, scales: jax.Array, rows: jax.Array, block_matri
         n_b = block_matrix.shape[0]
         if -(-n_b // r) != rows.shape[0]:
             raise ValueError(f"shared_rows: {n_b} blocks need {-(-n_b // r)} row blocks of {r}, got {rows.shape}")
-    if kr != kp or r % 8 or not 8 <= r <= MAX_ROWS or not supported(kp, np_, tile_k) or sub not in (1, 2) \
-            or n_b < 1:
-        raise ValueError(f"block_gemv: rows {rows.shape}, codes {codes[0].shape}, tile_k {tile_k}, sub {sub}")
+    problems = [msg for bad, msg in (
+        (kr != kp, f"rows have {kr} columns, the weights {kp} (packed)"),
+        (r % 8 or not 8 <= r <= MAX_ROWS, f"{r} rows a block (a multiple of 8, at most {MAX_ROWS})"),
+        (tile_k not in (128, 256) or sub not in (1, 2), f"tile_k {tile_k} / sub {sub} (128 or 256 / 1 or 2)"),
+        (np_ % TILE_M, f"{np_} weight rows (a multiple of {TILE_M})"),
+        (kp % (16 * UNIT), f"{kp} packed columns (a multiple of {16 * UNIT}: whole 16-byte rows of scales)"),
+        (n_b < 1, "no blocks")) if bad]
+    if problems:
+        raise ValueError("block_gemv cannot take " + "; ".join(problems))
     wide = tile_k * sub  # columns a pipeline step
     steps = kp // wide
-    if kp % wide or steps % split:
-        raise ValueError(f"split={split} does not divide the {kp // tile_k} steps of {tile_k} columns by {sub}")
+    if kp % wide:
+        raise ValueError(f"pipeline steps of {wide} columns do not divide the {kp} packed columns")
+    if steps % split:
+        raise ValueError(f"split={split} does not divide the {steps} pipeline steps of {wide} columns")
     kper, sper = kp // split, steps // split
     nb = tile_k // 32  # scale bytes of each half a sub-step
     nbs = nb * sub  # ... a pipeline step (4, 8 or 16: never straddles a 16-byte row)
@@ -258,10 +273,18 @@ def block_gemv(codes: jax.Array, scales: jax.Array, rows: jax.Array, block_matri
     decode = None if interpret else _decode_ptx(tile_k)
     grouped = block_matrix is not None
     nu = kper // (32 * UNIT)  # 16-byte rows of scales of each half a program
-    once_ok = kp % (32 * UNIT) == 0 and kper % (32 * UNIT) == 0 and nu <= 256
-    once = once_ok if scales_once is None else scales_once
+    once_ok = kp % (32 * UNIT) == 0 and kper % (32 * UNIT) == 0 and 2 * TILE_M * UNIT * nu <= ONCE_MAX_BYTES
+    once = bool(scales_once)
     if once and not once_ok:
-        raise ValueError(f"scales_once needs Kp and Kp/split multiples of {32 * UNIT}, got {kp}, {kper}")
+        raise ValueError(f"scales_once needs Kp and Kp/split multiples of {32 * UNIT} and at most "
+                         f"{ONCE_MAX_BYTES} bytes of scales a program; got Kp {kp}, Kp/split {kper}")
+    n_idx = -(-n_b // IDX_ROW) if block_matrix is not None else 0  # [rows, 128]: one TMA copy
+    smem = (stages * (TILE_M * wide // 2 + r * wide * 2 + (0 if once else 2 * TILE_M * UNIT))
+            + (2 * TILE_M * UNIT * nu if once else 0) + TILE_M * r * 4 + n_idx * IDX_ROW * 4
+            + (TILE_M * tile_k * 2 if interpret else 0))
+    if smem > SMEM_BYTES or n_idx > 256:
+        raise ValueError(f"block_gemv needs {smem} bytes of shared memory ({stages} stages of {wide} columns, {r} "
+                         f"rows, {n_b} blocks); one program has {SMEM_BYTES} (fewer stages, rows or blocks)")
 
     def body(*refs, o_smem, a_smem=None, i_smem=None, barrier=None, sl_all=None, sh_all=None, s_bars=None):
         if grouped:
@@ -360,9 +383,6 @@ def block_gemv(codes: jax.Array, scales: jax.Array, rows: jax.Array, block_matri
         scratch["s_bars"] = plgpu.Barrier(num_arrivals=1, num_barriers=2)
     args = [*codes, *svs, rows]
     if grouped:
-        n_idx = -(-n_b // IDX_ROW)  # [rows, 128]: one TMA copy for up to 32768 blocks
-        if n_idx > 256:
-            raise ValueError(f"block_gemv takes at most {256 * IDX_ROW} blocks, got {n_b}")
         idx = jnp.pad(block_matrix.astype(jnp.int32), (0, n_idx * IDX_ROW - n_b), constant_values=-1)
         args = [idx.reshape(n_idx, IDX_ROW), *args]
         scratch["i_smem"] = plgpu.SMEM((n_idx, IDX_ROW), jnp.int32)
@@ -383,9 +403,9 @@ def block_gemv(codes: jax.Array, scales: jax.Array, rows: jax.Array, block_matri
 # Dense matmul.
 
 def matmul_config(m: int, np_: int, kp: int) -> MgpuConfig:
-    """Default tiles for ``[m, kp] x [np_, kp]`` (H200, BENCHMARKS.md)."""
-    steps = kp // 256
-    return MgpuConfig(tile_k=256, split=default_split(np_ // TILE_M, steps), stages=4)
+    """Default tiles for ``[m, kp] x [np_, kp]`` (H200, BENCHMARKS.md, session 8): 256-column steps, about
+    1024 programs, 3 stages to 4 rows and 2 above (8192x8192: 18.1-18.7 us at M=1, 34.2 at M=64)."""
+    return MgpuConfig(tile_k=256, split=default_split(np_ // TILE_M, kp // 256), stages=3 if m <= 4 else 2)
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "cfg", "interpret"))
@@ -396,6 +416,8 @@ def nvfp4_matmul_mgpu(x: jax.Array, p: Nvfp4Packed, scale: jax.Array, out_dtype=
     m = x.shape[0]
     if not 1 <= m <= MAX_ROWS:
         raise ValueError(f"nvfp4_matmul_mgpu takes 1..{MAX_ROWS} rows, got {m}")
+    if p.qweight.ndim != 2 or x.ndim != 2 or x.shape[1] != p.k:
+        raise ValueError(f"nvfp4_matmul_mgpu takes x [M, K] and one [N, K] weight; got {x.shape} and {p.shape}")
     kp, np_ = p.kp, p.np_
     cfg = cfg or matmul_config(m, np_, kp)
     split = cfg.split or default_split(np_ // TILE_M, kp // (cfg.tile_k * cfg.sub))
@@ -412,18 +434,20 @@ def nvfp4_matmul_mgpu(x: jax.Array, p: Nvfp4Packed, scale: jax.Array, out_dtype=
 
 @dataclasses.dataclass(frozen=True)
 class MoeMgpuConfig:
-    """``schedule``: ``"pairs"`` (decode: one block per (token, expert) pair, its one row padded to 8; no sort)
-    or ``"sorted"`` (blocks of ``rows`` rows of one expert, :func:`~.nvfp4_moe.make_schedule`); tiles of the
-    w13 and w2 launches."""
+    """``schedule``: ``"pairs"`` (decode: one block per (token, expert) pair, no sort; 8 pairs' rows share one
+    8-row activation block) or ``"sorted"`` (blocks of ``rows`` rows of one expert,
+    :func:`~.nvfp4_moe.make_schedule`); tiles of the w13 and w2 launches (defaults: the batch-1 measurements,
+    512-column steps, 2 stages, no K split)."""
 
     schedule: str = "pairs"
     rows: int = 8
-    w13: MgpuConfig = MgpuConfig()
-    w2: MgpuConfig = MgpuConfig()
+    w13: MgpuConfig = MgpuConfig(split=1, stages=2, sub=2)
+    w2: MgpuConfig = MgpuConfig(split=1, stages=2, sub=2)
 
 
 def _fit(c: MgpuConfig, kp: int) -> MgpuConfig:
-    """``c`` with its step and split reduced until they divide ``kp`` (a multiple of 256)."""
+    """``c`` with its step and split reduced until they divide ``kp`` (for the multiples of 256 the kernel
+    takes, only a 512-column step is ever shortened)."""
     while kp % (c.tile_k * c.sub):
         c = dataclasses.replace(c, sub=1) if c.sub > 1 else dataclasses.replace(c, tile_k=c.tile_k // 2)
     while c.split and (kp // (c.tile_k * c.sub)) % c.split:

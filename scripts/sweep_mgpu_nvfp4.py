@@ -1,5 +1,5 @@
 """Sweep of the Mosaic GPU NVFP4 kernels (``pallas_kernels.nvfp4_mgpu``) on one Hopper GPU: pipeline step,
-K split and stage count, scales copied once per program or per step, and a diagnostic variant whose "decode"
+K split and stage count, scales copied once per program (``scales_once``) or a step at a time (default), and a diagnostic variant whose "decode"
 only reinterprets the code bytes (no integer work, no scales: wrong numbers, the memory pipeline's own speed).
 Prints median CUPTI kernel time per configuration (BENCHMARKS.md, session 8).
 
@@ -62,16 +62,22 @@ def main():
     for m in (1, 16, 64):
         x = jax.random.normal(jax.random.key(1), (m, k), jnp.bfloat16)
         cfgs = [(256, 8, 3), (512, 8, 2), (512, 4, 2), (512, 4, 3), (256, 4, 3), (512, 2, 3), (256, 16, 2)]
-        for variant in ("default", "scales per step", "no decode (diagnostic)"):
-            G.block_gemv = with_scales_once(False) if variant == "scales per step" else real_gemv
+        for variant in ("default", "scales once", "no decode (diagnostic)"):
+            G.block_gemv = with_scales_once(True) if variant == "scales once" else real_gemv
             G._decode_ptx = no_decode if variant.startswith("no decode") else real_decode
+            jax.clear_caches()  # (else the jitted wrappers keep the kernels traced for the previous variant)
             for bk, split, st in cfgs if m == 1 else cfgs[:3]:
                 c = NM.MatmulConfig(method="mgpu", bk=bk, split_k=split, num_stages=st)
                 fn = jax.jit(lambda x, p, c=c: NM.nvfp4_matmul(x, p, jnp.bfloat16, config=c))
-                us = median_kernel_ms(fn, [(x, p) for p in ws], 20) * 1e3
+                try:
+                    us = median_kernel_ms(fn, [(x, p) for p in ws], 20) * 1e3
+                except Exception as e:  # noqa: BLE001
+                    log(f"8192^2 M={m} {variant}: step {bk} split {split} stages {st}: {type(e).__name__}: {e}")
+                    continue
                 log(f"8192^2 M={m} {variant}: step {bk} split {split} stages {st}: {us:.1f} us "
                     f"({n * k * 0.5625 / us / 1e6:.2f} TB/s)")
     G.block_gemv, G._decode_ptx = real_gemv, real_decode
+    jax.clear_caches()
     del ws
     e, d, i = 256, 4096, 2048
     ps = [L.pack_nvfp4(rand_nvfp4(jax.random.key(j), e, a, b)) for j, (a, b) in enumerate(((i, d), (d, i), (i, d)))]

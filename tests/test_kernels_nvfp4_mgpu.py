@@ -82,7 +82,8 @@ def _moe_cfg(schedule, bm=8, bk=128, split13=2):
 
 
 @pytest.mark.parametrize("schedule,t,kind", [("mgpu_pairs", 3, "random"), ("mgpu_sorted", 6, "random"),
-                                             ("mgpu_sorted", 11, "one_expert"), ("mgpu_pairs", 2, "skip")])
+                                             ("mgpu_sorted", 11, "one_expert"), ("mgpu_pairs", 2, "skip"),
+                                             ("mgpu_sorted", 5, "skip")])
 def test_grouped_kernel_equals_reference_interpret(schedule, t, kind):
     """Both schedules; an empty expert (E-1 never chosen), all tokens on one expert (several blocks of it, with
     the sorted schedule's 8-row blocks), pairs of other shards' experts (-1) adding nothing; SwiGLU clip bound."""
@@ -96,7 +97,8 @@ def test_grouped_kernel_equals_reference_interpret(schedule, t, kind):
     ref_ids, ref_w = ids, wts
     if kind == "skip":
         skip = np.zeros(ids.shape, bool)
-        skip[0, 1] = skip[1, :2] = True
+        skip[0, 1] = skip[1, :2] = True  # (and all of a token's pairs in the last one)
+        skip[-1] = True
         ids, ref_ids, ref_w = np.where(skip, -1, ids), np.where(skip, 0, ids), np.where(skip, 0.0, wts)
     x = bf16(r, t, D, scale=3.0)
     # (one_expert: w13's scales copied once per program (K 512 unsplit), w2's per step (K 256 is too short))
@@ -106,24 +108,89 @@ def test_grouped_kernel_equals_reference_interpret(schedule, t, kind):
     assert rel(y, MO.nvfp4_moe_reference(x, jnp.asarray(ref_ids), jnp.asarray(ref_w), *ws, 4.0)) < MOE_TOL
 
 
-@pytest.mark.parametrize("m,n,k", [(1, 8192, 8192), (16, 2048, 4096), (64, 4096, 2048)])
-def test_dense_kernel_lowers_for_hopper_on_cpu(m, n, k):
-    """Mosaic GPU lowers the PTX path (layout inference and the inline PTX included) for a CUDA device without
-    one, at the model's shapes and both step widths."""
+def _lowering_or_skip():
     _interpret_or_skip()
+    try:
+        jax.jit(lambda v: v + 1).trace(jax.ShapeDtypeStruct((8,), jnp.float32)).lower(lowering_platforms=("cuda",))
+    except (TypeError, AttributeError, ValueError) as e:  # a jax without cross-platform lowering
+        pytest.skip(f"cannot lower for cuda here: {e}")
+
+
+def _packed_struct(n, k, lead=()):
     sd = jax.ShapeDtypeStruct
-    p = L.Nvfp4Packed(sd((n, k // 2), jnp.uint8), sd((n, k // 16), jnp.float8_e4m3fn), sd((), jnp.float32),
-                      sd((), jnp.float32), n, k)
-    cfg = NM.mgpu_config(m, n, k)
+    return L.Nvfp4Packed(sd((*lead, n, k // 2), jnp.uint8), sd((*lead, n, k // 16), jnp.float8_e4m3fn),
+                         sd(lead, jnp.float32), sd(lead, jnp.float32), n, k)
+
+
+@pytest.mark.parametrize("m,n,k,cfg", [
+    (1, 8192, 8192, None),  # the default: 256-column steps, scales a step at a time
+    (16, 2048, 4096, NM.MatmulConfig(method="mgpu", bk=512, split_k=2, num_stages=2)),
+    (64, 4096, 2048, NM.MatmulConfig(method="mgpu", bk=128, split_k=0, num_stages=3))])
+def test_dense_kernel_lowers_for_hopper_on_cpu(m, n, k, cfg):
+    """Mosaic GPU lowers the PTX path (layout inference and the inline PTX included) for a CUDA device without
+    one, at the model's shapes, every step width."""
+    _lowering_or_skip()
+    cfg = cfg or NM.mgpu_config(m, n, k)
 
     def f(x, p):
         return NM.nvfp4_matmul(x, p, jnp.bfloat16, config=cfg)
 
+    low = jax.jit(f).trace(jax.ShapeDtypeStruct((m, k), jnp.bfloat16), _packed_struct(n, k)).lower(
+        lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in low.as_text()
+
+
+@pytest.mark.parametrize("t,once", [(1, False), (16, True)])
+def test_grouped_kernel_lowers_for_hopper_on_cpu(t, once):
+    """Both MoE launches (w1 and w3 together; w2) at Flash's expert shapes, with the Hopper defaults (pairs
+    sharing row blocks for one token, sorted blocks for 16), scales a step at a time or once a program."""
+    _lowering_or_skip()
+    e, d, i = 8, 4096, 2048
+    cfg = MO.mgpu_config(t * 6)
+
+    def gemv(*a, **kw):
+        return real(*a, **kw, scales_once=once) if "scales_once" not in kw else real(*a, **kw)
+
+    def f(x, ids, wts, w1, w2, w3):
+        return MO.nvfp4_moe(x, ids, wts, w1, w2, w3, 10.0, config=cfg)
+
+    real = G.block_gemv
+    G.block_gemv = gemv
+    jax.clear_caches()  # (a trace of the same shapes would not call the patched function)
     try:
-        text = jax.jit(f).trace(sd((m, k), jnp.bfloat16), p).lower(lowering_platforms=("cuda",)).as_text()
-    except (TypeError, AttributeError) as e:  # a jax without cross-platform lowering
-        pytest.skip(f"cannot lower for cuda here: {e}")
-    assert "mosaic_gpu" in text
+        sd = jax.ShapeDtypeStruct
+        low = jax.jit(f).trace(sd((t, d), jnp.bfloat16), sd((t, 6), jnp.int32), sd((t, 6), jnp.float32),
+                               _packed_struct(i, d, (e,)), _packed_struct(d, i, (e,)),
+                               _packed_struct(i, d, (e,))).lower(lowering_platforms=("cuda",))
+    finally:
+        G.block_gemv = real
+        jax.clear_caches()
+    assert low.as_text().count("mosaic_gpu") >= 2
+
+
+def test_hopper_dispatch(monkeypatch):
+    """Where ``default_config`` picks the Mosaic GPU kernels when it runs on Hopper (``available`` faked), and
+    that a packed layout the kernel cannot read falls back to the Triton kernels (here in interpret mode)."""
+    monkeypatch.setattr(G, "available", lambda: True)
+    assert NM.default_config(1, 8192, 8192).method == "mgpu"
+    assert NM.default_config(16, 2048, 4096).method == "mgpu"
+    assert NM.default_config(64, 8192, 8192).method == "mgpu"
+    assert NM.default_config(64, 2048, 4096).method != "mgpu"  # measured: Triton's 10.9 against 11.5 us
+    assert NM.default_config(65, 8192, 8192).method == "dequant_dot"
+    assert NM.default_config(1, 1024, 384).method != "mgpu"  # Kp 384: not whole 16-byte rows of scales
+    assert NM.default_config(1, 8192, 8192, mgpu=False).method != "mgpu"
+    schedules = [(MO.default_config(6 * t).schedule, MO.default_config(6 * t).bm) for t in (1, 5, 6, 64, 65, 1024)]
+    assert schedules[:2] == [("mgpu_pairs", 16), ("mgpu_pairs", 16)]
+    assert [s for s, _ in schedules[2:]] == ["mgpu_sorted"] * 4
+    assert [bm for _, bm in schedules[2:]] == [8, 8, 16, 32]
+    assert MO.default_config(6 * 1025).schedule == "sorted"
+    r = rng()
+    w1, w3, w2 = nvfp4(r, 3, 64, 384), nvfp4(r, 3, 64, 384), nvfp4(r, 3, 384, 64)
+    ps = [L.pack_nvfp4(w, pad_k=128) for w in (w1, w2, w3)]  # Kp 384 and 128
+    assert not G.moe_supported(ps[0], ps[1])
+    x, ids, wts = bf16(r, 2, 384), jnp.asarray([[0, 2], [1, 0]], jnp.int32), jnp.asarray(r.random((2, 2)), jnp.float32)
+    y = MO.nvfp4_moe(x, ids, wts, *ps, 10.0, interpret=True)
+    assert rel(y, MO.nvfp4_moe_reference(x, ids, wts, w1, w2, w3, 10.0)) < MOE_TOL
 
 
 def test_shapes_the_kernel_refuses():
@@ -186,8 +253,9 @@ def test_gpu_every_scale_byte_and_code_is_exact():
 @pytest.mark.gpu
 @pytest.mark.parametrize("t", [1, 4, 16, 40])
 def test_gpu_grouped_equals_reference(t):
-    """The default Hopper schedule for t tokens (pairs to 5 tokens, sorted above), all tokens on one expert,
-    pairs of other shards (-1); Flash-like proportions at a smaller size."""
+    """The default Hopper schedule for t tokens (pairs to 5 tokens, sorted above) and both schedules
+    explicitly, every token on expert 5 (its first and last choice: a token on the same expert twice), pairs
+    of other shards (-1); Flash-like proportions at a smaller size."""
     _gpu_or_skip()
     r = rng()
     e, d, i, k = 32, 1024, 512, 6
