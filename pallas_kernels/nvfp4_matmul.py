@@ -14,7 +14,7 @@ the CUDA cores in fp32 instead: a decode-sized product has one live row, and the
 and moves every decoded weight into the MMA operand layout.
 
 On Hopper, decode-sized M (<= 64) dispatches to the Mosaic GPU kernel of :mod:`pallas_kernels.nvfp4_mgpu`
-(``method="mgpu"``), which reads the same packed weights and measured faster at every shape tried.
+(``method="mgpu"``), which reads the same packed weights, where it measured faster (:func:`mgpu_pays`).
 
 For large M a second path, :func:`nvfp4_dequantize` (an elementwise Pallas kernel writing the exact bf16
 weights once) followed by cuBLAS through ``jnp.dot``, costs one weight pass amortised over M rows.
@@ -42,7 +42,8 @@ class MatmulConfig:
     ``"fma"`` (decode and multiply on the CUDA cores, fp32 FMAs; a GEMV for a few rows, ``bm`` unused) or
     ``"dequant_dot"`` (Pallas dequantise + cuBLAS) or ``"mgpu"`` (the Mosaic GPU kernel of
     :mod:`pallas_kernels.nvfp4_mgpu`, Hopper only: ``bk`` its pipeline step (128, 256 or 512 columns),
-    ``split_k`` and ``num_stages`` its split and pipeline depth, ``split_k=0`` its default); ``decode``: ``"asm"`` (inline PTX) or ``"int"``."""
+    ``split_k`` and ``num_stages`` its split and pipeline depth, ``split_k=0`` its default); ``decode``:
+    ``"asm"`` (inline PTX) or ``"int"``."""
 
     bm: int = 16
     bn: int = 64
@@ -73,9 +74,8 @@ def mgpu_pays(m: int, n: int, k: int) -> bool:
 def default_config(m: int, n: int, k: int, *, mgpu: bool = True) -> MatmulConfig:
     """Per-shape configuration for ``x [m, k] @ W[n, k]^T`` with the *padded* weight sizes (H200 measurements,
     BENCHMARKS.md): on Hopper the Mosaic GPU kernel where it pays (:func:`mgpu_pays`, :func:`mgpu_config`;
-    ``mgpu=False``: never);
-    else decode-sized M uses swapped operands, small tiles and split-K to fill 132 SMs; large M dequantises
-    once and calls cuBLAS."""
+    ``mgpu=False``: never); else decode-sized M uses swapped operands, small tiles and split-K to fill 132
+    SMs; large M dequantises once and calls cuBLAS."""
     if mgpu and mgpu_pays(m, n, k) and nvfp4_mgpu.supported(k, n) and nvfp4_mgpu.available():
         return mgpu_config(m, n, k)
     if m > 64:

@@ -51,9 +51,9 @@ class MoeConfig:
     kernels (the sorted schedule does not split K; ``swap_ab`` applies to it only).
 
     ``"mgpu_pairs"`` / ``"mgpu_sorted"``: the Mosaic GPU kernels of :mod:`pallas_kernels.nvfp4_mgpu` (Hopper
-    only) with the same two schedules, ``bm`` rows per block of the sorted one (a multiple of 8, at most 64), ``bk`` their
-    pipeline step (128, 256 or 512 columns), ``split13`` / ``split2`` their K splits (0: the kernel's
-    default), ``num_stages`` their pipeline depth."""
+    only) with the same two schedules, ``bm`` rows per block of the sorted one (a multiple of 8, at most 64),
+    ``bk`` their pipeline step (128, 256 or 512 columns), ``split13`` / ``split2`` their K splits (0: the
+    kernel's default), ``num_stages`` their pipeline depth."""
 
     bm: int = 16
     bn13: int = 64
