@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -58,14 +59,39 @@ def _lowered_step(model: d.Model, t: int, max_len: int = 512) -> str:
     return exp.mlir_module()
 
 
+def _triton_kernels(text: str) -> set[str]:
+    """Names of the Triton launches in a lowered module (the text also names source files, so a plain substring
+    test of a kernel's name would pass on its module's file name)."""
+    return set(re.findall(r'name = "([a-z0-9_]+)"', text))
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_model_kernels_lower_for_gpu(name):
     model = d.random_model(d.tiny(vocab_size=256, **CONFIGS[name]), seed=0, kernel_layout=True)
     for t in (300, 1):  # a prefill chunk, a decode step
-        text = _lowered_step(model, t)
+        names = _triton_kernels(_lowered_step(model, t))
         # (larger FP8 products go through exact dequantisation + XLA's dot instead)
         for kernel in ("compressed_attention", "nvfp4_moe", "indexer_scores" if t > 1 else "fp8_block_matmul"):
-            assert kernel in text, (t, kernel)
+            assert any(n.startswith(kernel) for n in names), (t, kernel, names)
+
+
+@pytest.mark.parametrize("t", [300, 1])
+def test_model_with_the_hopper_kernels_lowers_for_gpu(t, monkeypatch):
+    """With the Hopper dispatch on (``available`` faked), the model's prefill chunk and decode step lower for
+    CUDA with the Mosaic GPU NVFP4 kernels of the routed experts (sorted blocks for 600 (token, expert) pairs,
+    one block per pair for 2 tokens) beside the Triton kernels."""
+    from pallas_kernels import nvfp4_mgpu
+
+    monkeypatch.setattr(nvfp4_mgpu, "available", lambda: True)
+    model = d.random_model(d.tiny(vocab_size=256), seed=0, kernel_layout=True)
+    jax.clear_caches()  # (a step traced without the patch would be reused)
+    try:
+        text = _lowered_step(model, t)
+    finally:
+        jax.clear_caches()
+    triton = _triton_kernels(text)
+    assert "nvfp4_block_gemv_mgpu" in text and not any(n.startswith("nvfp4_moe") for n in triton)
+    assert "compressed_attention" in triton
 
 
 @pytest.mark.slow
@@ -102,7 +128,8 @@ def test_w4a4_model_lowers_for_gpu():
     time, not the grouped kernel) and lower for the GPU."""
     model = d.random_model(d.tiny(vocab_size=256), seed=0, kernel_layout=True)
     text = _lowered_step(dataclasses.replace(model, numerics=d.Numerics(w4a4=True)), 1, max_len=64)
-    assert "nvfp4_matmul" in text and "nvfp4_moe" not in text
+    names = _triton_kernels(text)
+    assert "nvfp4_matmul" in names and not any(n.startswith("nvfp4_moe") for n in names)
 
 
 def test_inspect_kernels_script_writes_triton_ir(tmp_path):
