@@ -98,8 +98,8 @@ def _kernel(w_gmem, x_gmem, s_gmem, o_gmem, *, o_smem, s_smem, barrier, a_smem_s
             scale = lax.bitcast_convert_type(jnp.full((TILE_M, mp), bits, jnp.int32), jnp.float32)
         return acc + part * scale
 
-    w_tr = _transforms(BLOCK, 8)
-    x_tr = _transforms(BLOCK, 16)
+    w_tr = smem_transforms(BLOCK, 8)
+    x_tr = smem_transforms(BLOCK, 16)
     acc = plgpu.emit_pipeline(
         step, grid=(steps,), max_concurrent_steps=stages,
         in_specs=[plgpu.BlockSpec((TILE_M, BLOCK), lambda kk: (0, kk), transforms=w_tr),
@@ -112,7 +112,7 @@ def _kernel(w_gmem, x_gmem, s_gmem, o_gmem, *, o_smem, s_smem, barrier, a_smem_s
     plgpu.wait_smem_to_gmem(0)
 
 
-def _transforms(row_elems: int, elem_bits: int):
+def smem_transforms(row_elems: int, elem_bits: int):
     """The widest swizzle for shared-memory rows of ``row_elems`` elements, with its (8, swizzle) tiling."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -144,10 +144,10 @@ def fp8_matmul_mgpu(x: jax.Array, w: quant.Fp8Block, out_dtype=jnp.bfloat16, *, 
         ns = -(-kb // 4) * 4
         s = jnp.pad(quant.e8m0_to_f32(w.scale), ((0, 0), (0, ns - kb)))
     kw = {"interpret": plgpu.InterpretGPUParams()} if interpret else {}
-    scratch = {"o_smem": plgpu.SMEM((TILE_M, mp), jnp.float32, transforms=_transforms(mp, 32)),
+    scratch = {"o_smem": plgpu.SMEM((TILE_M, mp), jnp.float32, transforms=smem_transforms(mp, 32)),
                "s_smem": plgpu.SMEM((ns,), s.dtype), "barrier": plgpu.Barrier(num_arrivals=1)}
     if interpret:
-        scratch["a_smem_scratch"] = plgpu.SMEM((TILE_M, BLOCK), jnp.bfloat16, transforms=_transforms(BLOCK, 16))
+        scratch["a_smem_scratch"] = plgpu.SMEM((TILE_M, BLOCK), jnp.bfloat16, transforms=smem_transforms(BLOCK, 16))
 
     def fp8_block_matmul_mgpu(*refs, **scratch_refs):
         _kernel(*refs, **scratch_refs, kper=k // split, steps=kb // split, stages=stages, mp=mp)

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .fp8_matmul_mgpu import available  # noqa: F401  (Hopper + Mosaic GPU check, shared with the FP8 kernel)
+from .fp8_matmul_mgpu import available, smem_transforms  # noqa: F401  (available: shared Hopper check)
 from .nvfp4_layout import (
     ASM_SCALE_LOG2,
     DECODE_LOG2,
@@ -207,13 +207,6 @@ def _decode_arrays(q, s_lo, s_hi, tile_k: int):
     return a.transpose(0, 1, 2, 4, 3, 5).reshape(TILE_M, tile_k)
 
 
-def _transforms(row_bytes: int, elem_bits: int):
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
-    swizzle = plgpu.find_swizzle(row_bytes * 8)
-    return plgpu.TilingTransform((8, swizzle * 8 // elem_bits)), plgpu.SwizzleTransform(swizzle)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The kernel.
 
@@ -336,8 +329,8 @@ def block_gemv(codes: jax.Array, scales: jax.Array, rows: jax.Array, block_matri
         def s_index(base):
             return lambda kk: (0, (base + nbs * (si * sper + kk)) // UNIT, 0)
 
-        c_spec = plgpu.BlockSpec((TILE_M, wide // 2), lambda kk: (0, kk), transforms=_transforms(wide // 2, 8))
-        x_spec = plgpu.BlockSpec((r, wide), lambda kk: (0, kk), transforms=_transforms(wide * 2, 16))
+        c_spec = plgpu.BlockSpec((TILE_M, wide // 2), lambda kk: (0, kk), transforms=smem_transforms(wide // 2, 8))
+        x_spec = plgpu.BlockSpec((r, wide), lambda kk: (0, kk), transforms=smem_transforms(wide, 16))
         s_specs = [plgpu.BlockSpec((TILE_M, 1, UNIT), s_index(0)), plgpu.BlockSpec((TILE_M, 1, UNIT), s_index(kp // 32))]
 
         def run(c_ref, s_ref):
@@ -374,9 +367,9 @@ def block_gemv(codes: jax.Array, scales: jax.Array, rows: jax.Array, block_matri
             for w in range(n_weights):
                 weights(w)
 
-    scratch = {"o_smem": plgpu.SMEM((TILE_M, r), jnp.float32, transforms=_transforms(r * 4, 32))}
+    scratch = {"o_smem": plgpu.SMEM((TILE_M, r), jnp.float32, transforms=smem_transforms(r, 32))}
     if interpret:
-        scratch["a_smem"] = plgpu.SMEM((TILE_M, tile_k), jnp.bfloat16, transforms=_transforms(tile_k * 2, 16))
+        scratch["a_smem"] = plgpu.SMEM((TILE_M, tile_k), jnp.bfloat16, transforms=smem_transforms(tile_k, 16))
     if once:
         scratch["sl_all"] = plgpu.SMEM((TILE_M, nu, UNIT), jnp.uint8)
         scratch["sh_all"] = plgpu.SMEM((TILE_M, nu, UNIT), jnp.uint8)

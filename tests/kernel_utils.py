@@ -24,6 +24,12 @@ def bf16(r, *shape, scale=1.0):
     return jnp.asarray(r.standard_normal(shape) * scale, jnp.bfloat16)
 
 
+def random_routing(r, t, n_experts, k):
+    """``ids [t, k]`` int32 (distinct experts per token, from the first ``n_experts``) and fp32 weights."""
+    ids = np.stack([r.choice(n_experts, k, replace=False) for _ in range(t)])
+    return jnp.asarray(ids, jnp.int32), jnp.asarray(r.random((t, k)), jnp.float32)
+
+
 def rel(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     assert np.isfinite(a).all(), "non-finite output"

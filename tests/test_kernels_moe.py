@@ -6,7 +6,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from kernel_utils import bf16, nvfp4, rel, rng
+from kernel_utils import bf16, nvfp4, random_routing, rel, rng
 
 from pallas_kernels import nvfp4_layout as L
 from pallas_kernels import nvfp4_moe as MO
@@ -135,8 +135,7 @@ def test_gpu_grouped_equals_reference(t, decode, fma):
     r = rng()
     e, d, i, k = 32, 512, 256, 6
     ws, ps = experts(r, e, d, i)
-    ids = jnp.asarray(np.stack([r.choice(e - 2, k, replace=False) for _ in range(t)]), jnp.int32)
-    wts = jnp.asarray(r.random((t, k)), jnp.float32)
+    ids, wts = random_routing(r, t, e - 2, k)
     x = bf16(r, t, d)
     cfg = MO.default_config(t * k, mgpu=False)  # the Triton kernels (Mosaic GPU: test_kernels_nvfp4_mgpu)
     cfg = dataclasses.replace(cfg, decode=decode, fma=fma and cfg.schedule == "pairs")

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from kernel_utils import F32_TOL, bf16, nvfp4, rel, rng
+from kernel_utils import F32_TOL, bf16, nvfp4, random_routing, rel, rng
 
 from dsv4_jax import quant
 from pallas_kernels import nvfp4_layout as L
@@ -260,8 +260,7 @@ def test_gpu_grouped_equals_reference(t):
     r = rng()
     e, d, i, k = 32, 1024, 512, 6
     ws, ps = _experts(r, e, d, i)
-    ids = jnp.asarray(np.stack([r.choice(e - 2, k, replace=False) for _ in range(t)]), jnp.int32)
-    wts = jnp.asarray(r.random((t, k)), jnp.float32)
+    ids, wts = random_routing(r, t, e - 2, k)
     x = bf16(r, t, d)
     cfg = MO.default_config(t * k)
     assert cfg.schedule.startswith("mgpu")
