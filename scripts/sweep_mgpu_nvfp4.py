@@ -1,9 +1,11 @@
 """Sweep of the Mosaic GPU NVFP4 kernels (``pallas_kernels.nvfp4_mgpu``) on one Hopper GPU: pipeline step,
 K split and stage count, scales copied once per program (``scales_once``) or a step at a time (default), and a diagnostic variant whose "decode"
-only reinterprets the code bytes (no integer work, no scales: wrong numbers, the memory pipeline's own speed).
-Prints median CUPTI kernel time per configuration (BENCHMARKS.md, session 8).
+only reinterprets the code bytes (no integer work, no scales: wrong numbers). ``--stream`` times instead a kernel
+that only streams the same bytes through the same TMA pipeline (code, scale and activation tiles; no decode, no
+MMA, no output): the memory pipeline's own ceiling at 8192^2. Prints median CUPTI kernel time per configuration
+(BENCHMARKS.md, sessions 8-9).
 
-    PYTHONPATH=.:scripts python scripts/sweep_mgpu_nvfp4.py [--moe-tokens 1,4,16,64]
+    PYTHONPATH=.:scripts python scripts/sweep_mgpu_nvfp4.py [--moe-tokens 1,4,16,64] [--stream]
 """
 import argparse
 
@@ -51,14 +53,66 @@ def with_scales_once(flag):
     return f
 
 
+def stream_only(codes, scales, rows, *, tile_k: int, split: int, stages: int):
+    """The TMA pipeline of ``nvfp4_mgpu.block_gemv`` (one matrix, one block) with an empty step: per program
+    (64 weight rows, one K slice) the ``[64, tile_k/2]`` code tiles, the two ``[64, 1, 16]`` scale tiles and the
+    ``[R, tile_k]`` activation tiles are copied to shared memory and released unread."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    np_, kp = codes.shape[0], 2 * codes.shape[1]
+    r = rows.shape[0]
+    steps = kp // tile_k
+    sper, kper = steps // split, kp // split
+    nb = tile_k // 32
+    sv = jax.lax.bitcast_convert_type(scales, jnp.uint8).reshape(np_, kp // 256, 16)
+
+    def kernel(c_gmem, s_gmem, x_gmem, o_gmem):
+        del o_gmem
+        mi, si = jax.lax.axis_index("m"), jax.lax.axis_index("s")
+
+        def s_index(base):
+            return lambda kk: (0, (base + nb * (si * sper + kk)) // 16, 0)
+
+        specs = [plgpu.BlockSpec((G.TILE_M, tile_k // 2), lambda kk: (0, kk),
+                                 transforms=G.smem_transforms(tile_k // 2, 8)),
+                 plgpu.BlockSpec((G.TILE_M, 1, 16), s_index(0)), plgpu.BlockSpec((G.TILE_M, 1, 16), s_index(kp // 32)),
+                 plgpu.BlockSpec((r, tile_k), lambda kk: (0, kk), transforms=G.smem_transforms(tile_k, 16))]
+        s_rows = s_gmem.at[pl.ds(mi * G.TILE_M, G.TILE_M)]
+        plgpu.emit_pipeline(lambda idx, *refs: None, grid=(sper,), in_specs=specs, max_concurrent_steps=stages)(
+            c_gmem.at[pl.ds(mi * G.TILE_M, G.TILE_M), pl.ds(si * (kper // 2), kper // 2)], s_rows, s_rows,
+            x_gmem.at[:, pl.ds(si * kper, kper)])
+
+    return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((8,), jnp.float32), grid=(np_ // G.TILE_M, split),
+                        grid_names=("m", "s"),
+                        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
+                        )(codes, sv, rows)
+
+
+def stream(ws):
+    n = k = 8192
+    rows = jnp.zeros((8, k), jnp.bfloat16) + 1
+    for tile_k, split, st in ((256, 8, 3), (256, 8, 2), (256, 2, 4), (256, 4, 4), (256, 16, 2)):
+        fn = jax.jit(lambda q, s, x, tile_k=tile_k, split=split, st=st: stream_only(q, s, x, tile_k=tile_k,
+                                                                                 split=split, stages=st))
+        us = median_kernel_ms(fn, [(p.qweight, p.scale, rows) for p in ws], 20) * 1e3
+        log(f"8192^2 stream only (no decode, no MMA): step {tile_k} split {split} stages {st}: {us:.1f} us "
+            f"({n * k * 0.5625 / us / 1e6:.2f} TB/s)")
+    f = jax.jit(lambda p: (p.qweight.astype(jnp.int32).sum(), p.scale.astype(jnp.float32).sum()))
+    log(f"8192^2 XLA reduction over codes + scales: {median_kernel_ms(f, [(p,) for p in ws], 20) * 1e3:.1f} us")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--moe-tokens", default="1,4,16,64")
+    ap.add_argument("--stream", action="store_true", help="only the streaming-ceiling probe")
     args = ap.parse_args()
     log(jax.devices()[0].device_kind, jax.__version__)
     real_gemv, real_decode = G.block_gemv, G._decode_ptx
     n = k = 8192
     ws = [L.pack_nvfp4(rand_nvfp4(jax.random.key(50 + i), n, k)) for i in range(6)]
+    if args.stream:
+        return stream(ws)
     for m in (1, 16, 64):
         x = jax.random.normal(jax.random.key(1), (m, k), jnp.bfloat16)
         cfgs = [(256, 8, 3), (512, 8, 2), (512, 4, 2), (512, 4, 3), (256, 4, 3), (512, 2, 3), (256, 16, 2)]
