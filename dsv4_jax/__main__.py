@@ -122,10 +122,12 @@ def _sample(args) -> int:
     # Token 0 comes from the prefill; tokens 1..steps_per_call from the first decoding call, which includes its
     # compilation: the rate counts the tokens after that call over the time since it returned.
     k = args.steps_per_call
-    rate = (n - 1 - k) / (end - arrived[k]) if n > 1 + k and end > arrived[k] else float("nan")
-    ttft = (arrived[0] - start) if arrived else float("nan")
-    print(f"[prompt {len(ids)} tokens, generated {n} tokens, time to first token {ttft:.2f} s (with compilation), "
-          f"decode {rate:.1f} tokens/s]", file=sys.stderr)
+    if n > 1 + k and end > arrived[k]:
+        rate = f"decode {(n - 1 - k) / (end - arrived[k]):.1f} tokens/s"
+    else:  # (too few tokens for a rate that leaves out compilation)
+        rate = f"no decode rate below {k + 2} tokens"
+    ttft = f"time to first token {arrived[0] - start:.2f} s (with compilation)" if arrived else "no token"
+    print(f"[prompt {len(ids)} tokens, generated {n} tokens, {ttft}, {rate}]", file=sys.stderr)
     return 0
 
 

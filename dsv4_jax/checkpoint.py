@@ -189,6 +189,8 @@ def load_model(
     ``dsv4_jax.kernels.prepare_weights``); default: when the model will run them (bf16 on GPUs). The model
     then runs expert-parallel over ``mesh`` (``Model.mesh``)."""
     path = Path(path)
+    if dtype not in ("bfloat16", "float32"):  # (refused before any weight is read)
+        raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {dtype!r}")
     if (path / CACHE_MANIFEST).exists():
         return _restore_cache(path, dtype=dtype, mesh=mesh, device_memory=device_memory,
                               kernel_layout=kernel_layout)
@@ -445,6 +447,7 @@ def _restore_cache(path: Path, *, dtype: DType, mesh: Mesh | None, device_memory
         )
     abstract, replicated, experts = [], 0, 0
     for entry, leaf in zip(entries, manifest["leaves"]):
+        _check_cache_leaf(path, entry, leaf)
         s = sharding.leaf_sharding(entry.path, mesh)
         arrays = [
             jax.ShapeDtypeStruct(tuple(shape), np.dtype(dt), sharding=s) for shape, dt in leaf["arrays"]
@@ -460,7 +463,44 @@ def _restore_cache(path: Path, *, dtype: DType, mesh: Mesh | None, device_memory
     )
     target = jax.tree.unflatten(treedef, abstract)
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-    params = ocp.PyTreeCheckpointer().restore(
-        (path / "params").absolute(), args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args)
-    )
+    data = path / "params"
+    if not data.is_dir():
+        raise CheckpointError(f"{data}: the orbax cache has no parameter data (rebuild it: scripts/convert.py)")
+    try:
+        params = ocp.PyTreeCheckpointer().restore(
+            data.absolute(), args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args)
+        )
+    except Exception as e:  # orbax / TensorStore errors on damaged data: name the cache, keep the cause
+        raise CheckpointError(
+            f"{data}: the orbax cache could not be read ({type(e).__name__}: {str(e)[:500]}); "
+            "rebuild it from the checkpoint (scripts/convert.py)"
+        ) from e
     return _finish(Model(config=config, params=params, dtype=dtype, mesh=mesh), kernel_layout)
+
+
+def _check_cache_leaf(path: Path, entry: weights.Entry, leaf: dict) -> None:
+    """The manifest's record of one leaf against what ``config.json`` implies for it (format allowed for the
+    parameter, the shape of every array), so that a cache and a configuration that do not belong together are
+    refused before anything is read, naming the parameter."""
+    where = path / CACHE_MANIFEST
+    if not isinstance(leaf, dict) or not isinstance(leaf.get("arrays"), list):
+        raise CheckpointError(f"{where}: the record of parameter {entry.label} is damaged: {str(leaf)[:200]}")
+    fmt = leaf.get("format")
+    got = [list(a[0]) if isinstance(a, list) and a and isinstance(a[0], list) else a for a in leaf["arrays"]]
+    kinds = {"experts": ("nvfp4", "mxfp4", "fp8", "tensor"), "linear": ("fp8", "tensor")}
+    allowed = kinds.get(entry.kind, ("tensor",))
+    if fmt not in allowed:
+        raise CheckpointError(
+            f"{where}: parameter {entry.label} is stored as {fmt!r}, which it cannot hold "
+            f"(expected {' or '.join(allowed)})"
+        )
+    if fmt == "tensor":
+        want = [list(entry.shape)]
+    else:
+        lead, (out, inn) = list(entry.shape[:-2]), entry.shape[-2:]
+        want = [lead + list(shape) for _, shape in weights.expected_parts(fmt, out, inn).values()]
+    if got != want:
+        raise CheckpointError(
+            f"{where}: parameter {entry.label} is stored as {fmt} arrays of shapes {got}; the configuration "
+            f"({path / 'config.json'}) needs {want}: the cache and its config.json do not match"
+        )

@@ -67,7 +67,7 @@ class Config:
     hc_eps: float = 1e-6
     rms_norm_eps: float = 1e-6
     bos_token_id: int = 0
-    eos_token_id: int = 1
+    eos_token_id: int | tuple[int, ...] = 1  # several ids (a list in config.json): generation stops on any
     tie_word_embeddings: bool = False
     attention_bias: bool = False
 
@@ -121,8 +121,10 @@ class Config:
                     if isinstance(v, (str, bytes, dict)):
                         raise TypeError("expected a list of integers")
                     v = tuple(_int(r) for r in v)
-                elif f.name == "eos_token_id" and isinstance(v, list):
-                    v = _int(v[0])
+                elif f.name == "eos_token_id" and isinstance(v, (list, tuple)):
+                    if not v:
+                        raise ValueError("expected an id or a non-empty list of ids")
+                    v = _int(v[0]) if len(v) == 1 else tuple(_int(x) for x in v)
                 else:
                     v = _FIELD_TYPES[f.name](v)
             except (TypeError, ValueError, KeyError) as e:

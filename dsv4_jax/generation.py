@@ -59,6 +59,8 @@ def prefill(model: Model, tokens, *, max_len: int, lengths=None, chunk: int = 51
     cache."""
     tokens = token_matrix(tokens)
     b, t = tokens.shape
+    if lengths is not None and np.asarray(lengths).dtype.kind not in "iu":
+        raise TypeError(f"lengths must be integers, got {np.asarray(lengths).dtype}: {lengths!r}")
     lengths = np.full((b,), t, np.int64) if lengths is None else np.asarray(lengths, np.int64).reshape(-1)
     if lengths.shape != (b,):
         raise ValueError(f"lengths must have one entry per prompt ({b}), got shape {lengths.shape}")
@@ -104,11 +106,19 @@ def decode_step(model: Model, tokens, cache: Cache, *, active=None) -> tuple[jax
     consumed (donated)."""
     a = np.asarray(tokens)
     squeeze = a.ndim == 1
-    a = _as_tokens(model, a[:, None] if squeeze else a)
+    a = token_matrix(a[:, None] if squeeze else a)
     if a.shape != (cache.batch, 1):
         raise ValueError(f"decode_step takes one token per sequence: shape ({cache.batch},) or ({cache.batch}, 1), "
                          f"got {np.asarray(tokens).shape}")
-    n = np.ones((cache.batch,), np.int32) if active is None else np.asarray(active, bool).astype(np.int32)
+    if active is None:
+        n = np.ones((cache.batch,), np.int32)
+    else:
+        act = np.asarray(active)
+        if act.shape != (cache.batch,) or act.dtype != bool:
+            raise ValueError(f"active must be {cache.batch} booleans (one per sequence), got "
+                             f"{act.dtype} of shape {act.shape}")
+        n = act.astype(np.int32)
+    a = _as_tokens(model, a, n.astype(np.int64))  # an inactive row's token is ignored: any id may stand there
     pos = np.asarray(cache.pos)
     if (pos + n).max() > cache.max_len:
         raise ValueError(f"the cache is full: position {int(pos.max())} + 1 exceeds max_len = {cache.max_len}")
@@ -178,6 +188,14 @@ def check_context(prompt_tokens: int, max_new_tokens: int, config: Config) -> No
                          f"model's context of {config.max_position_embeddings} tokens")
 
 
+def _prompt_ids(prompt, i: int) -> list[int]:
+    """A prompt given as token ids: integers only (a float or a bool is refused, not truncated)."""
+    bad = [x for x in prompt if not _is_int(x)]
+    if bad:
+        raise TypeError(f"prompt {i}: token ids must be integers, got {bad[0]!r}")
+    return [int(x) for x in prompt]
+
+
 def _prepare(model: Model, prompts, params: SamplingParams, tokenizer, max_len):
     params.validate()
     if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], (int, np.integer))):
@@ -188,7 +206,7 @@ def _prepare(model: Model, prompts, params: SamplingParams, tokenizer, max_len):
         from .tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer()
-    ids = [tokenizer.encode(p) if isinstance(p, str) else [int(x) for x in p] for p in prompts]
+    ids = [tokenizer.encode(p) if isinstance(p, str) else _prompt_ids(p, i) for i, p in enumerate(prompts)]
     if any(len(p) == 0 for p in ids):
         raise ValueError("empty prompt")
     longest = max(len(p) for p in ids)
@@ -200,7 +218,8 @@ def _prepare(model: Model, prompts, params: SamplingParams, tokenizer, max_len):
     check_context(longest, params.max_new_tokens, model.config)
     stop_ids = set(params.stop_token_ids)
     if not params.ignore_eos:
-        stop_ids.add(model.config.eos_token_id)
+        eos = model.config.eos_token_id
+        stop_ids.update(eos if isinstance(eos, tuple) else (eos,))
     stopper = _Stopper(frozenset(stop_ids), tuple(params.stop_strings),
                        (lambda t: tokenizer.decode(t)) if tokenizer is not None else None)
     return ids, max_len, stopper

@@ -107,6 +107,8 @@ def token_matrix(tokens):
         raise ValueError(f"tokens must be [batch, time], got shape {tokens.shape}")
     if not np.issubdtype(tokens.dtype, np.integer):
         raise TypeError(f"tokens must be integers, got {tokens.dtype}")
+    if tokens.shape[0] < 1:
+        raise ValueError(f"tokens must hold at least one sequence, got shape {tokens.shape}")
     return tokens
 
 

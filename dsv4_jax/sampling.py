@@ -39,6 +39,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not _is_int(self.seed):
             raise TypeError(f"seed must be an integer, got {self.seed!r}")
+        if not -(2**63) <= self.seed < 2**63:
+            raise ValueError(f"seed must fit in 64 bits (-2**63 <= seed < 2**63), got {self.seed!r}")
         if isinstance(self.stop_strings, str) or any(not isinstance(s, str) or not s for s in self.stop_strings):
             raise ValueError(f"stop_strings must be a sequence of non-empty strings, got {self.stop_strings!r}")
         if _is_int(self.stop_token_ids) or any(not _is_int(t) or t < 0 for t in self.stop_token_ids):

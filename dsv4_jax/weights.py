@@ -283,7 +283,7 @@ class Source:
             yield from names
 
 
-def _expected(fmt: Format, out: int, inn: int) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+def expected_parts(fmt: Format, out: int, inn: int) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
     """Stored (dtypes, shape) of each component of one ``[out, in]`` matrix in ``fmt``."""
     fp8s = (math.ceil(out / quant.FP8_BLOCK), math.ceil(inn / quant.FP8_BLOCK))
     return {
@@ -360,7 +360,7 @@ def _check_parts(
             f"{where(base + '.weight')}: {base!r}: input dimension {inn} is not a multiple of "
             f"the {fmt.upper()} block {block}"
         )
-    for part, (dtypes, shape) in _expected(fmt, out, inn).items():
+    for part, (dtypes, shape) in expected_parts(fmt, out, inn).items():
         name = f"{base}.{part}"
         t = infos[name]
         if part == "weight_scale" and t.dtype == "U8" and len(t.shape) == 1:

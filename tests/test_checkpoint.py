@@ -676,3 +676,36 @@ def test_kernel_layout_at_load_is_exact_and_saves_the_checkpoint_bytes(ckpt_q, m
         assert (tmp_path / "q" / name).read_bytes() == (ckpt_q / name).read_bytes(), name
     ck.save_cache(packed, tmp_path / "cache")
     assert_same_params(_load(tmp_path / "cache", kernel_layout=False).params, plain.params)
+
+
+def test_orbax_cache_and_config_that_do_not_belong_together_are_refused(tmp_path):
+    """An orbax cache is checked against its config.json before anything is read (the cache records each leaf's
+    shapes): a config edited after the cache was written is refused, naming the parameter; damaged data is
+    refused naming the cache, not with a bare orbax / TensorStore error."""
+    model = d.random_model(d.tiny(num_hidden_layers=4, mtp=False), seed=3)
+    cache = ck.save_cache(model, tmp_path / "cache")
+    base = json.loads((cache / "config.json").read_text())
+    ratios = list(base["compress_ratios"])
+    ratios[3] = 8 if ratios[3] != 8 else 16
+    for change, param in (
+        ({"vocab_size": base["vocab_size"] + 44}, "embed"),
+        ({"num_attention_heads": 2 * base["num_attention_heads"]}, "layers[0].attn"),
+        ({"n_routed_experts": 2 * base["n_routed_experts"]}, "experts"),
+        ({"compress_ratios": ratios}, "layers[3].attn"),
+    ):
+        bad = tmp_path / f"bad_{next(iter(change))}"
+        shutil.copytree(cache, bad)
+        (bad / "config.json").write_text(json.dumps({**base, **change}))
+        with pytest.raises(ck.CheckpointError, match="do not match") as err:
+            _load(bad)
+        assert param in str(err.value) and "config.json" in str(err.value), err.value
+    damaged = tmp_path / "damaged"
+    shutil.copytree(cache, damaged)
+    data = max((p for p in (damaged / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 3])
+    with pytest.raises(ck.CheckpointError, match="could not be read"):
+        _load(damaged)
+    shutil.rmtree(damaged / "params")
+    with pytest.raises(ck.CheckpointError, match="no parameter data"):
+        _load(damaged)
+    assert_same_params(_load(cache).params, model.params)  # the original still loads

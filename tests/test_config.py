@@ -40,8 +40,17 @@ def test_flash_json_gives_the_flash_preset(tmp_path):
 
 
 def test_round_trip_through_dict():
-    for c in (d.FLASH, d.tiny(), d.tiny(mtp=False, hca_ratio=32)):
+    for c in (d.FLASH, d.tiny(), d.tiny(mtp=False, hca_ratio=32), d.tiny(eos_token_id=(1, 7))):
         assert d.Config.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
+def test_several_eos_ids_are_kept():
+    """``eos_token_id`` may be a list in a config.json (transformers' schema): every id is kept (generation
+    stops on any, test_generation.py), a one-element list is that id, an empty list is refused."""
+    assert d.Config.from_dict(dict(FLASH_JSON, eos_token_id=[1, 7])).eos_token_id == (1, 7)
+    assert d.Config.from_dict(dict(FLASH_JSON, eos_token_id=[3])).eos_token_id == 3
+    with pytest.raises(d.ConfigError, match="eos_token_id"):
+        d.Config.from_dict(dict(FLASH_JSON, eos_token_id=[]))
 
 
 def test_missing_key_is_named():

@@ -1,6 +1,7 @@
 """Incremental decoding (ARCHITECTURE.md §10) against the whole-sequence forward pass, sampling, and the
 refusal of impossible requests."""
 
+import dataclasses
 import os
 
 import jax
@@ -104,13 +105,14 @@ def test_second_request_is_independent():
 
 
 def test_greedy_generation_follows_forward():
+    """Each greedy token is the argmax of the forward pass over the prompt and the tokens before it: one forward
+    over the whole sequence, teacher-forced (its logits at a position depend on no later token: test_model.py's
+    causality test)."""
     prompt = list(np.random.default_rng(3).integers(0, C.vocab_size, 9))
     out = generate(MODEL, [prompt], max_new_tokens=8, ignore_eos=True)[0]
     assert len(out) == 8
-    seq = list(prompt)
-    for tok in out:
-        assert tok == int(np.argmax(np.asarray(d.forward(MODEL, np.array([seq])))[0, -1]))
-        seq.append(tok)
+    logits = np.asarray(d.forward(MODEL, np.array([prompt + out])))[0, len(prompt) - 1:-1]
+    assert out == [int(i) for i in np.argmax(logits, axis=-1)]
 
 
 def test_stops_on_eos_and_stop_tokens():
@@ -119,6 +121,11 @@ def test_stops_on_eos_and_stop_tokens():
     stop = free[3]
     cut = generate(MODEL, [prompt], max_new_tokens=10, ignore_eos=True, stop_token_ids=(stop,))[0]
     assert cut == free[: free.index(stop) + 1]
+    # A configuration with several end-of-sequence ids stops on any of them (and not with ignore_eos).
+    eos_model = dataclasses.replace(MODEL, config=dataclasses.replace(C, eos_token_id=(C.vocab_size - 1, stop)))
+    if C.vocab_size - 1 not in free:
+        assert generate(eos_model, [prompt], max_new_tokens=10)[0] == cut
+    assert generate(eos_model, [prompt], max_new_tokens=10, ignore_eos=True)[0] == free
     steps = list(generate_stream(MODEL, [prompt, prompt[:4]], max_new_tokens=5, ignore_eos=True))
     assert len(steps) == 5 and all(len(s) == 2 for s in steps)
 
@@ -211,10 +218,33 @@ def test_sampling_filters():
     ({"max_new_tokens": 2000}, "context"),
     ({"stop_token_ids": 7}, "stop_token_ids"),
     ({"max_new_tokens": True}, "max_new_tokens"),
+    ({"seed": 2**63, "temperature": 1.0}, "seed must fit in 64 bits"),
 ])
 def test_bad_requests_are_refused_before_work(kwargs, match):
     with pytest.raises(ValueError, match=match):
         generate(MODEL, [[1, 2, 3, 4, 5]], **kwargs)
+
+
+def test_malformed_token_ids_are_refused():
+    """Token ids and lengths that are not integers are refused, not truncated; an empty batch and an ``active``
+    mask of the wrong shape are refused; an inactive row's token in ``decode_step`` may be any id (ignored, as
+    prefill's padding)."""
+    for prompt in ([5.7, 6], [True, 6], np.array([5.0, 6.0])):
+        with pytest.raises(TypeError, match="prompt 0: token ids must be integers"):
+            generate(MODEL, [prompt], max_new_tokens=2)
+    with pytest.raises(TypeError, match="lengths must be integers"):
+        prefill(MODEL, [[1, 2], [3, 4]], max_len=6, lengths=[1.7, 2])
+    with pytest.raises(ValueError, match="at least one sequence"):
+        d.forward(MODEL, np.zeros((0, 3), np.int32))
+    _, cache = prefill(MODEL, [[1, 2], [3, 4]], max_len=6)
+    with pytest.raises(ValueError, match="active must be 2 booleans"):
+        decode_step(MODEL, [5, 6], cache, active=[True])
+    with pytest.raises(ValueError, match="active must be 2 booleans"):
+        decode_step(MODEL, [5, 6], cache, active=[1, 0])
+    with pytest.raises(ValueError, match="token ids must be in"):
+        decode_step(MODEL, [-1, 6], cache, active=[True, False])
+    _, cache = decode_step(MODEL, [5, -1], cache, active=[True, False])
+    assert np.asarray(cache.pos).tolist() == [3, 2]
 
 
 def test_prompt_longer_than_cache_is_refused():
@@ -246,6 +276,7 @@ def test_cli_samples_and_refuses_bad_requests(tmp_path, capsys, monkeypatch):
                  "--no-compile-cache"]) == 0
     err = capsys.readouterr().err
     assert "generated 3 tokens" in err and "time to first token" in err
+    assert "no decode rate below" in err and "nan" not in err  # 3 tokens: too few for a rate without compilation
     assert main(["sample", "--checkpoint", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["sample", "--checkpoint", str(ckpt), "--top-p", "0"]) == 2
