@@ -642,7 +642,8 @@ def test_expert_parallel_loading_reads_only_owned_experts(ckpt_q, tmp_path):
     """With a mesh ("data" 2 x "expert" 2, four CPU devices) routed experts are sharded over "expert" and each
     expert tensor is read once (by the devices that own it); the rest is replicated. The orbax cache restores
     into the same shardings."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = dict(os.environ, JAX_PLATFORMS="cpu",  # (keeping conftest.py's XLA flags)
+               XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4")
     out = subprocess.run(
         [sys.executable, "-c", _MESH_SCRIPT, str(ckpt_q), str(tmp_path / "cache")],
         env=env,

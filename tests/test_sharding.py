@@ -102,7 +102,8 @@ _SCRIPT = textwrap.dedent("""
 
 
 def test_expert_parallel_model_equals_one_device():
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = dict(os.environ, JAX_PLATFORMS="cpu",  # (keeping conftest.py's XLA flags)
+               XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4")
     out = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=900,
                          check=False)
     assert out.returncode == 0, out.stderr[-4000:]
