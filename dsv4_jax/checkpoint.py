@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from . import kernels, sharding, weights
 from .config import Config
-from .model import DType, Model
+from .model import DType, Model, check_dtype
 from .quant import Fp8Block, Mxfp4, Nvfp4
 from .safetensors_io import (
     BadQuantManifest,
@@ -189,8 +189,7 @@ def load_model(
     ``dsv4_jax.kernels.prepare_weights``); default: when the model will run them (bf16 on GPUs). The model
     then runs expert-parallel over ``mesh`` (``Model.mesh``)."""
     path = Path(path)
-    if dtype not in ("bfloat16", "float32"):  # (refused before any weight is read)
-        raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {dtype!r}")
+    check_dtype(dtype)  # (before any weight is read)
     if (path / CACHE_MANIFEST).exists():
         return _restore_cache(path, dtype=dtype, mesh=mesh, device_memory=device_memory,
                               kernel_layout=kernel_layout)
@@ -486,7 +485,7 @@ def _check_cache_leaf(path: Path, entry: weights.Entry, leaf: dict) -> None:
     if not isinstance(leaf, dict) or not isinstance(leaf.get("arrays"), list):
         raise CheckpointError(f"{where}: the record of parameter {entry.label} is damaged: {str(leaf)[:200]}")
     fmt = leaf.get("format")
-    got = [list(a[0]) if isinstance(a, list) and a and isinstance(a[0], list) else a for a in leaf["arrays"]]
+    got = [a[0] if isinstance(a, list) and a else a for a in leaf["arrays"]]  # [[shape, dtype], ...]
     kinds = {"experts": ("nvfp4", "mxfp4", "fp8", "tensor"), "linear": ("fp8", "tensor")}
     allowed = kinds.get(entry.kind, ("tensor",))
     if fmt not in allowed:

@@ -27,6 +27,12 @@ from .params import Block, Params, init_params
 DType = Literal["bfloat16", "float32"]
 
 
+def check_dtype(dtype) -> None:
+    """Refuse a compute dtype other than the two the model runs in."""
+    if dtype not in ("bfloat16", "float32"):
+        raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {dtype!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Numerics:
     """Switches for the quantisation simulations that are part of the trained graph (ARCHITECTURE.md §2.3).
@@ -56,8 +62,7 @@ class Model:
     mesh: Mesh | None = None  # set by load_model(mesh=...) / on_mesh: routed experts run expert-parallel
 
     def __post_init__(self):
-        if self.dtype not in ("bfloat16", "float32"):
-            raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {self.dtype!r}")
+        check_dtype(self.dtype)
 
     def with_dtype(self, dtype: DType) -> Model:
         return dataclasses.replace(self, dtype=dtype)
