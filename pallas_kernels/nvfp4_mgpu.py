@@ -210,6 +210,22 @@ def _decode_arrays(q, s_lo, s_hi, tile_k: int):
 # ---------------------------------------------------------------------------------------------------------
 # The kernel.
 
+def pipeline_specs(wide: int, kp: int, r: int, step0):
+    """The TMA copies of one pipeline step of ``wide`` columns (step ``kk`` of a program whose K slice starts
+    at step ``step0``): the ``[64, wide/2]`` code tile, the 16-byte rows holding the step's lo and hi block
+    scales (of the ``[.., Kp/256, 16]`` scale view), the ``[r, wide]`` activation tile."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    nbs = wide // 32  # scale bytes of each half a step
+
+    def s_index(base):
+        return lambda kk: (0, (base + nbs * (step0 + kk)) // UNIT, 0)
+
+    return (plgpu.BlockSpec((TILE_M, wide // 2), lambda kk: (0, kk), transforms=smem_transforms(wide // 2, 8)),
+            plgpu.BlockSpec((TILE_M, 1, UNIT), s_index(0)), plgpu.BlockSpec((TILE_M, 1, UNIT), s_index(kp // 32)),
+            plgpu.BlockSpec((r, wide), lambda kk: (0, kk), transforms=smem_transforms(wide, 16)))
+
+
 def block_gemv(codes: jax.Array, scales: jax.Array, rows: jax.Array, block_matrix: jax.Array | None, *,
                n_weights: int = 1, tile_k: int = 256, sub: int = 1, split: int = 1, stages: int = 4,
                shared_rows: bool = False, scales_once: bool = False, interpret: bool = False) -> jax.Array:
@@ -326,12 +342,7 @@ def block_gemv(codes: jax.Array, scales: jax.Array, rows: jax.Array, block_matri
                 plgpu.wgmma_wait(0)
             return acc
 
-        def s_index(base):
-            return lambda kk: (0, (base + nbs * (si * sper + kk)) // UNIT, 0)
-
-        c_spec = plgpu.BlockSpec((TILE_M, wide // 2), lambda kk: (0, kk), transforms=smem_transforms(wide // 2, 8))
-        x_spec = plgpu.BlockSpec((r, wide), lambda kk: (0, kk), transforms=smem_transforms(wide, 16))
-        s_specs = [plgpu.BlockSpec((TILE_M, 1, UNIT), s_index(0)), plgpu.BlockSpec((TILE_M, 1, UNIT), s_index(kp // 32))]
+        c_spec, *s_specs, x_spec = pipeline_specs(wide, kp, r, si * sper)
 
         def run(c_ref, s_ref):
             s_rows = s_ref.at[e].at[pl.ds(row0, TILE_M)]

@@ -1,6 +1,7 @@
 """Sweep of the Mosaic GPU NVFP4 kernels (``pallas_kernels.nvfp4_mgpu``) on one Hopper GPU: pipeline step,
-K split and stage count, scales copied once per program (``scales_once``) or a step at a time (default), and a diagnostic variant whose "decode"
-only reinterprets the code bytes (no integer work, no scales: wrong numbers). ``--stream`` times instead a kernel
+K split and stage count, scales copied once per program (``scales_once``) or a step at a time (default), and
+a diagnostic variant whose "decode" only reinterprets the code bytes (no integer work, no scales: wrong
+numbers). ``--stream`` times instead a kernel
 that only streams the same bytes through the same TMA pipeline (code, scale and activation tiles; no decode, no
 MMA, no output): the memory pipeline's own ceiling at 8192^2. Prints median CUPTI kernel time per configuration
 (BENCHMARKS.md, sessions 8-9).
@@ -64,20 +65,12 @@ def stream_only(codes, scales, rows, *, tile_k: int, split: int, stages: int):
     r = rows.shape[0]
     steps = kp // tile_k
     sper, kper = steps // split, kp // split
-    nb = tile_k // 32
     sv = jax.lax.bitcast_convert_type(scales, jnp.uint8).reshape(np_, kp // 256, 16)
 
     def kernel(c_gmem, s_gmem, x_gmem, o_gmem):
         del o_gmem
         mi, si = jax.lax.axis_index("m"), jax.lax.axis_index("s")
-
-        def s_index(base):
-            return lambda kk: (0, (base + nb * (si * sper + kk)) // 16, 0)
-
-        specs = [plgpu.BlockSpec((G.TILE_M, tile_k // 2), lambda kk: (0, kk),
-                                 transforms=G.smem_transforms(tile_k // 2, 8)),
-                 plgpu.BlockSpec((G.TILE_M, 1, 16), s_index(0)), plgpu.BlockSpec((G.TILE_M, 1, 16), s_index(kp // 32)),
-                 plgpu.BlockSpec((r, tile_k), lambda kk: (0, kk), transforms=G.smem_transforms(tile_k, 16))]
+        specs = G.pipeline_specs(tile_k, kp, r, si * sper)  # the kernel's own copies
         s_rows = s_gmem.at[pl.ds(mi * G.TILE_M, G.TILE_M)]
         plgpu.emit_pipeline(lambda idx, *refs: None, grid=(sper,), in_specs=specs, max_concurrent_steps=stages)(
             c_gmem.at[pl.ds(mi * G.TILE_M, G.TILE_M), pl.ds(si * (kper // 2), kper // 2)], s_rows, s_rows,
