@@ -274,18 +274,45 @@ def _call(q, kv, ring, pos0, sink, rows, count, idx, *, ratio: int, cfg: AttnCon
     return o.reshape(b, t, h, d).astype(jnp.bfloat16)
 
 
+def use_mgpu(b: int, t: int, h: int, d: int, dense: bool, idx: jax.Array | None = None,
+             interpret: bool = False) -> bool:
+    """Whether :func:`compressed_attention` takes the Mosaic GPU kernel
+    (:mod:`pallas_kernels.compressed_attention_mgpu`): on a Hopper GPU, without a selection, at the shapes it
+    takes (64 heads, ``d`` a multiple of 128 up to 512), where it was measured faster (H200, BENCHMARKS.md,
+    session 10): prefill chunks of 64 tokens or more, and steps of at least 8 tokens over compressed rows
+    (HCA). Triton keeps the window alone at small T (one token's program there is a short chain of latencies,
+    7.6-8.5 against 14-15 us at batch 1-16) and HCA below 8 tokens a step."""
+    from . import compressed_attention_mgpu as mg
+
+    if idx is not None or interpret or not mg.supported(h, d):
+        return False
+    return (t >= 64 or (dense and b * t >= 8)) and mg.available()
+
+
 def compressed_attention(q: jax.Array, kv: jax.Array, ring: jax.Array, pos0: jax.Array, sink: jax.Array,
                          rows: jax.Array | None = None, *, ratio: int = 1, count: jax.Array | None = None,
                          idx: jax.Array | None = None, config: AttnConfig | None = None,
-                         interpret: bool = False) -> jax.Array:
+                         interpret: bool = False, mgpu: bool | None = None) -> jax.Array:
     """Kernel with the semantics of :func:`compressed_attention_reference` (bf16 compute):
     ``q [B, T, H, d]``, ``kv [B, T, d]``, ``ring [B, W, d]``, ``pos0 [B]`` int, ``sink [H]`` fp32, optional
     ``rows [B, R, d]`` (visible: ``c < min((pos + 1) // ratio, count[b])``), optional selection
     ``idx [B, T, k]`` int (ascending row indices padded with -1, ``indexer_topk.index_select``; the
     reference's ``sel`` is ``indexer_topk.indices_to_mask(idx, R)``) -> ``o [B, T, H, d]`` bf16. Any ``H``
     and ``d``: a head size that is not a power of two is padded with zero columns, and (default tiles) a head
-    count with heads of zeros, to the next power of two (the softmax scale stays ``d ** -0.5``)."""
+    count with heads of zeros, to the next power of two (the softmax scale stays ``d ** -0.5``).
+
+    ``mgpu``: take the Mosaic GPU kernel (True; with ``interpret``, its interpreter), the Triton one (False), or
+    choose (None: :func:`use_mgpu`, which a ``config`` turns off)."""
     b, t, h, d = q.shape
+    if mgpu is None:
+        mgpu = config is None and use_mgpu(b, t, h, d, rows is not None, idx, interpret)
+    if mgpu:
+        from . import compressed_attention_mgpu as mg
+
+        if idx is not None:
+            raise ValueError("the Mosaic GPU attention kernel takes no selection (CSA runs the Triton kernel)")
+        return mg.compressed_attention_mgpu(q, kv, ring, pos0, sink, rows, ratio=ratio, count=count,
+                                            interpret=interpret)
     hp, dp = pl.next_power_of_2(h), pl.next_power_of_2(d)
     if dp != d:  # Triton tiles are powers of two: zero columns change no score and give zero outputs
         def pad(a):

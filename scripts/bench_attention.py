@@ -6,7 +6,9 @@ Per layer type (SWA: window only; CSA: indexer scoring + top-512 + window + sele
 kernels one call launches (inputs rotated over copies larger than the L2); wall times are medians of whole
 calls (dispatch included). Achieved TB/s (decode: bytes that must be read) and TFLOP/s (prefill: FLOPs that
 must be done) are set against ceilings measured in the same run (a 4 GiB ``jnp.sum``; an 8192^3 bf16
-``jnp.dot``). ``--sweep`` first times a few tile choices of each kernel. Prints markdown tables.
+``jnp.dot``). Where the default attention kernel is the Mosaic GPU one (SWA and HCA prefill, HCA decode of 8
+tokens or more: ``compressed_attention.use_mgpu``), the Pallas-Triton kernel is timed beside it. ``--sweep``
+first times a few tile choices of each kernel. Prints markdown tables.
 
     PYTHONPATH=. python scripts/bench_attention.py [--batch 1,32] [--decode 8192,131072,1048576]
         [--prefill 8192,32768,131072] [--reference-max 8192] [--sweep] [--sweep-decode B] [--sweep-indexer] [--sweep-prefill]
@@ -88,13 +90,16 @@ def spread_selection(b: int, t: int, pos0: int) -> jax.Array:
     return jnp.broadcast_to(jnp.where(j < jnp.minimum(lim, TOPK)[:, None], idx, -1), (b, t, TOPK)).astype(jnp.int32)
 
 
-def layer_fn(kind: str, kernel: bool, t: int):
-    """One layer's attention (+ indexer) for ``kind`` in SWA / CSA / HCA, kernel or reference path."""
+def layer_fn(kind: str, kernel: bool, t: int, triton: bool = False):
+    """One layer's attention (+ indexer) for ``kind`` in SWA / CSA / HCA, kernel or reference path; ``triton``:
+    the Pallas-Triton attention kernel where the default would take the Mosaic GPU one."""
     dtype = jnp.bfloat16
     ratio = RATIO[kind]
 
     def f(q, kv, ring, rows, sink, iq, iw, ikeys, pos0):
         r = None if kind == "SWA" else rows
+        if kernel and triton and kind != "CSA":
+            return CA.compressed_attention(q, kv, ring, pos0, sink, r, ratio=max(ratio, 1), mgpu=False)
         if kernel:
             sel = None
             if kind == "CSA":
@@ -316,9 +321,21 @@ def main():
         decode(key, b, args.decode, bw, reference=False)
 
 
+def _triton(kind: str, b: int, t: int, argsets, scale: float = 1e3, digits: int = 1) -> str:
+    """The Triton attention kernel's time where the default takes the Mosaic GPU one (else "-")."""
+    if kind == "CSA" or not CA.use_mgpu(b, t, H, D, kind == "HCA"):
+        return "-"
+    try:
+        k, wall = measure(layer_fn(kind, True, t, triton=True), argsets, 10 if t == 1 else 3)
+    except Exception as e:  # noqa: BLE001
+        return type(e).__name__
+    return _fmt(k or wall, scale, digits)
+
+
 def decode(key, b: int, contexts: str, bw: float, reference: bool):
     print(f"\n## Decode, batch {b}, one layer (µs per step)\n\n| layer | cached | kernel | wall | floor | "
-          "x floor | TB/s | reference wall | peak GiB |\n|---|---|---|---|---|---|---|---|---|", flush=True)
+          "x floor | TB/s | Triton kernel | reference wall | peak GiB |\n|---|---|---|---|---|---|---|---|---|---|",
+          flush=True)
     per_layer_1m = {}
     for ctx in [int(c) for c in contexts.split(",") if c]:
         for kind in ("SWA", "CSA", "HCA"):
@@ -336,12 +353,13 @@ def decode(key, b: int, contexts: str, bw: float, reference: bool):
                     tr = _fmt(measure(layer_fn(kind, False, 1), argsets[:1], 3)[1])
                 except Exception as e:  # noqa: BLE001
                     tr = type(e).__name__
+            tri = _triton(kind, b, 1, argsets)
             sec = (k or wall) * 1e-3
             floor = decode_cost(kind, b, ctx) / (bw * 1e12)
             if ctx == 1048576:
                 per_layer_1m[kind] = (k, wall)
             print(f"| {kind} | {ctx} | {_fmt(k)} | {wall * 1e3:.1f} | {floor * 1e6:.2f} | {sec / floor:.1f} | "
-                  f"{decode_cost(kind, b, ctx) / sec / 1e12:.2f} | {tr} | {peak_gib():.1f} |", flush=True)
+                  f"{decode_cost(kind, b, ctx) / sec / 1e12:.2f} | {tri} | {tr} | {peak_gib():.1f} |", flush=True)
             del a, argsets
     if len(per_layer_1m) == 3:
         kern = sum((per_layer_1m[k][0] or 0.0) * n for k, n in LAYERS.items())
@@ -353,7 +371,8 @@ def decode(key, b: int, contexts: str, bw: float, reference: bool):
 
 def prefill(key, lengths: str, reference_max: int, mm: float):
     print("\n## Prefill from position 0, batch 1, one layer\n\n| layer | tokens | kernel ms | wall ms | TFLOP/s | "
-          "% of matmul | reference ms | peak GiB |\n|---|---|---|---|---|---|---|---|", flush=True)
+          "% of matmul | Triton kernel ms | reference ms | peak GiB |\n|---|---|---|---|---|---|---|---|---|",
+          flush=True)
     for t in [int(c) for c in lengths.split(",") if c]:
         for kind in ("SWA", "HCA", "CSA"):
             a = inputs(key, 1, t, t // 128 if kind == "HCA" else t // 4, t // 4 if kind == "CSA" else 1)
@@ -371,8 +390,10 @@ def prefill(key, lengths: str, reference_max: int, mm: float):
                     tr = type(e).__name__
             ms = k or wall
             fl = prefill_flops(kind, t)
+            peak = peak_gib()
+            tri = _triton(kind, 1, t, [(*a, pos0)], 1.0, 2)
             print(f"| {kind} | {t} | {_fmt(k, 1.0, 2)} | {wall:.2f} | {fl / ms / 1e9:.0f} | "
-                  f"{100 * fl / ms / 1e9 / mm:.0f} % | {tr} | {peak_gib():.1f} |", flush=True)
+                  f"{100 * fl / ms / 1e9 / mm:.0f} % | {tri} | {tr} | {peak:.1f} |", flush=True)
             del a
 
 

@@ -1,0 +1,306 @@
+"""Window + compressed-row attention for Hopper in Mosaic GPU (``plgpu``), without a selection: the sliding-window
+layers and HCA (all visible compressed rows), prefill and decode. The second backend beside the Pallas-Triton
+kernel of :mod:`pallas_kernels.compressed_attention`, with the same contract and reference
+(:func:`~.compressed_attention.compressed_attention_reference`); CSA's gathered rows stay with Triton.
+
+Why a second kernel: with one shared 512-d latent (K = V) the ``64 x 512`` fp32 output accumulator of a token's 64
+heads is 256 registers a thread for one warpgroup. Triton lays it over 8 warps in a way that computes ``Q K^T``
+twice and spills (BENCHMARKS.md, "What Triton makes of the kernels"); it reaches 150-250 TFLOP/s. Here the
+layout is chosen by hand:
+
+* one program is one token's ``H = 64`` heads (wgmma's M) against its keys, split over ``splits`` programs along
+  the compressed rows for long decode contexts;
+* three warpgroups: a memory one that streams ``[bk, d]`` key tiles with TMA through ``stages`` shared-memory
+  slots, and two compute ones, each owning half of the output columns (a ``64 x d/2`` fp32 accumulator, 128
+  registers a thread at d = 512). Both compute the whole ``S = Q K^T`` (K-dim ``d``), so each has the scores
+  for its own softmax without an exchange: the tensor cores do 1.5x the minimal work, and the two warpgroups
+  run out of step, one's softmax overlapping the other's products. ``P @ V`` takes P from registers and the
+  warpgroup's half of the key tile as V;
+* keys are visited as a list of ``bk``-row blocks: the ring (positions before the chunk, slot = position mod W),
+  the chunk's own window rows, then the compressed rows ``c < min((pos + 1) // ratio, count)``. A block that
+  would run past the end of its array starts earlier instead (``start = min(nominal, rows - bk)``) and masks the
+  rows before its nominal start, so no copy leaves its array and no row is counted twice. Every mask depends
+  on the key only (all rows of a program are one token), so it is a column predicate from ``iota``.
+
+Numerics as the Triton kernel: fp32 scores and statistics (base 2, ``scale * log2 e`` folded into the scores),
+bf16 ``exp2(s - m_running)`` into ``P @ V``, fp32 sums; the sink is the initial maximum of split 0 with weight
+1. Each program writes its output normalised, in bf16, with its log-sum-exp (base 2); splits are merged by XLA.
+
+The GPU interpreter (``interpret=True``, CPU tests) runs no wgmma in a kernel of several warpgroups: there the two
+products are ``jnp.dot`` of the same shared-memory tiles (the copies, barriers, masks, softmax and epilogue are
+the kernel's).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .fp8_matmul_mgpu import available, smem_transforms  # noqa: F401  (available: shared Hopper check)
+
+HEADS = 64
+"""Query rows of a program: one token's heads (wgmma's M); the kernel takes exactly this head count."""
+SMEM_BYTES = 227 << 10
+_NEG = -1e30  # finite "no key yet" maximum: keeps exp2(m_old - m_new) free of inf - inf
+_LOG2E = math.log2(math.e)
+
+
+@dataclasses.dataclass(frozen=True)
+class MgpuAttnConfig:
+    """``bk`` keys a pipeline step (a multiple of 64: ``P @ V``'s K with 128-byte swizzled tiles), ``stages``
+    shared-memory slots of ``[bk, d]`` bf16, ``splits`` programs over the compressed rows."""
+
+    bk: int = 64
+    stages: int = 2
+    splits: int = 1
+
+
+def smem_bytes(d: int, cfg: MgpuAttnConfig, interpret: bool = False) -> int:
+    return 2 * HEADS * d + cfg.stages * cfg.bk * d * 2 + 2 * HEADS * 4
+
+
+def supported(h: int, d: int, cfg: MgpuAttnConfig | None = None) -> bool:
+    """Shapes the kernel takes: 64 heads, ``d`` a multiple of 128 up to 512 (each compute warpgroup's half is
+    whole 64-column tiles and at most wgmma's N of 256), and the tiles' shared memory within one SM's."""
+    cfg = cfg or MgpuAttnConfig()
+    return (h == HEADS and d % 128 == 0 and 128 <= d <= 512 and cfg.bk % 64 == 0 and cfg.stages >= 1
+            and smem_bytes(d, cfg) <= SMEM_BYTES)
+
+
+def default_config(t: int, r: int, batch: int, d: int = 512) -> MgpuAttnConfig:
+    """Prefill: one program a token, unsplit. Decode: the compressed rows split until about one wave of 132
+    programs, at least 2 blocks a split. 64-key steps in 2 slots (3 where ``d`` leaves room)."""
+    bk = 64
+    stages = 3 if smem_bytes(d, MgpuAttnConfig(bk, 3)) <= SMEM_BYTES else 2
+    splits = 1
+    if t == 1 and r:
+        blocks = -(-r // bk)
+        while batch * splits * 2 <= 132 and blocks // (splits * 2) >= 2:
+            splits *= 2
+    return MgpuAttnConfig(bk=bk, stages=stages, splits=splits)
+
+
+def _dot_nt(a, b):
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _kernel(meta_g, sink_g, q_g, kv_g, ring_g, rows_g, o_g, lse_g, scoped, *, t: int, w: int, r: int, ratio: int,
+            dense: bool, cfg: MgpuAttnConfig, d: int, scale: float, interpret: bool):
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    bk, stages, half = cfg.bk, cfg.stages, d // 2
+    tp, wp, rp = kv_g.shape[1], ring_g.shape[1], rows_g.shape[1]  # padded to at least bk rows
+    (meta_s, sink_s, q_s, k_s, lse_s), (bars, k_bar, used_bar, done_bar) = scoped
+    tk, b, s = lax.axis_index("t"), lax.axis_index("b"), lax.axis_index("s")
+    wg = lax.axis_index("wg")
+
+    # Which keys: per-program scalars, computed alike by all three warpgroups once the meta row has landed.
+    @pl.when(wg == 2)
+    def _meta():
+        plgpu.copy_gmem_to_smem(meta_g.at[pl.ds(b, 1)], meta_s, bars.at[0])
+
+    plgpu.barrier_wait(bars.at[0])
+    pos0, cnt = meta_s[0, 0], meta_s[0, 1]
+    pos = pos0 + tk
+    r0 = lax.rem(pos0, jnp.int32(w))  # the ring's oldest slot
+    first = (s == 0).astype(jnp.int32)
+    n_ring = first * (pos0 > 0).astype(jnp.int32) * (tk < w - 1).astype(jnp.int32) * (-(-wp // bk))
+    j_lo = lax.div(jnp.maximum(0, tk - w + 1), jnp.int32(8)) * 8  # TMA row offsets are multiples of 8
+    n_chunk = first * lax.div(tk + bk - j_lo, jnp.int32(bk))
+    if dense:
+        lim = jnp.minimum(jnp.minimum(lax.div(pos + 1, jnp.int32(ratio)), cnt), r)
+        blocks = -(-r // bk)
+        per = -(-blocks // cfg.splits)
+        lo = s * per
+        n_rows = jnp.maximum(0, jnp.minimum(lo + per, lax.div(lim + bk - 1, jnp.int32(bk))) - lo)
+    else:
+        lim, lo, n_rows = jnp.int32(0), 0, 0
+    n = n_ring + n_chunk + n_rows
+
+    def block(i):
+        """(source 0 ring / 1 chunk / 2 rows, first row copied, nominal first row) of step ``i``."""
+        src = (i >= n_ring).astype(jnp.int32) + (i >= n_ring + n_chunk).astype(jnp.int32)
+        nom_ring = i * bk
+        nom_chunk = j_lo + (i - n_ring) * bk
+        nom_rows = (lo + i - n_ring - n_chunk) * bk
+        nominal = jnp.where(src == 0, nom_ring, jnp.where(src == 1, nom_chunk, nom_rows))
+        last = jnp.where(src == 0, wp - bk, jnp.where(src == 1, tp - bk, rp - bk))
+        return src, pl.multiple_of(jnp.minimum(nominal, last), 8), nominal
+
+    @pl.when(wg == 2)
+    def _memory():
+        plgpu.set_max_registers(40, action="decrease")
+        plgpu.copy_gmem_to_smem(sink_g, sink_s, bars.at[1])
+        for hh in range(2):
+            plgpu.copy_gmem_to_smem(q_g.at[b, tk, :, pl.ds(hh * half, half)], q_s.at[hh], bars.at[2 + hh])
+
+        @pl.loop(0, n)
+        def _issue(i):
+            slot = lax.rem(i, jnp.int32(stages))
+
+            @pl.when(i >= stages)
+            def _():
+                plgpu.barrier_wait(used_bar.at[slot])
+
+            src, start, _ = block(i)
+            def copy(ref):
+                for hh in range(2):
+                    plgpu.copy_gmem_to_smem(ref.at[b, pl.ds(start, bk), pl.ds(hh * half, half)],
+                                            k_s.at[slot, hh], k_bar.at[slot * 2 + hh])
+
+            for sid, ref in ((0, ring_g), (1, kv_g), (2, rows_g)):
+                if sid < 2 or dense:
+                    pl.when(src == sid)(functools.partial(copy, ref))
+
+    @pl.when(wg < 2)
+    def _compute():
+        plgpu.set_max_registers(232, action="increase")
+        for j in (1, 2, 3):
+            plgpu.barrier_wait(bars.at[j])
+        row = plgpu.Layout.WGMMA.reduce(1)
+        z = plgpu.load(sink_s, layout=row)
+        ff = first.astype(jnp.float32)
+        m0 = z * (_LOG2E * ff) + _NEG * (1.0 - ff)
+        l0 = z * 0.0 + ff
+        acc0 = plgpu.layout_cast(jnp.zeros((HEADS, half), jnp.float32), plgpu.Layout.WGMMA)
+        col = plgpu.broadcasted_iota(jnp.int32, (HEADS, bk), 1, layout=plgpu.Layout.WGMMA)
+
+        def step(i, carry):
+            acc, m, l_ = carry
+            slot = lax.rem(i, jnp.int32(stages))
+            plgpu.barrier_wait(k_bar.at[slot * 2])
+            plgpu.barrier_wait(k_bar.at[slot * 2 + 1])
+
+            if interpret:  # the interpreter runs no wgmma in a multi-warpgroup kernel: the same products
+                k_lo, k_hi = k_s.at[slot, 0][...], k_s.at[slot, 1][...]
+                sc = (_dot_nt(q_s.at[0][...], k_lo) + _dot_nt(q_s.at[1][...], k_hi)) * (scale * _LOG2E)
+            else:
+                def qk(acc_ref):
+                    plgpu.wgmma(acc_ref, q_s.at[0], k_s.at[slot, 0].T)
+                    plgpu.wgmma(acc_ref, q_s.at[1], k_s.at[slot, 1].T)
+                    plgpu.wgmma_wait(0)
+                    return acc_ref[...]
+
+                sc = pl.run_scoped(qk, plgpu.ACC((HEADS, bk), jnp.float32)) * (scale * _LOG2E)
+            src, start, nominal = block(i)
+            key = start + col
+            # valid: nominal <= key <= khi and vlo <= val <= vhi, val = the key's position (ring) or index
+            is_ring = (src == 0).astype(jnp.int32)
+            ps = pos0 - w + key - r0 + jnp.where(key < r0, w, 0)  # ring slot -> position (slot = pos mod W)
+            val = key + is_ring * (ps - key)
+            vlo = jnp.where(src == 0, jnp.maximum(0, pos - w + 1), jnp.where(src == 1, tk - w + 1, 0))
+            vhi = jnp.where(src == 0, pos, jnp.where(src == 1, tk, lim - 1))
+            khi = jnp.where(src == 0, w - 1, rp + tp)
+            ok = (key >= nominal) & (key <= khi) & (val >= vlo) & (val <= vhi)
+            sc = jnp.where(ok, sc, -jnp.inf)
+            m_new = jnp.maximum(m, sc.max(axis=1))
+            alpha = jnp.exp2(m - m_new)
+            p = jnp.exp2(sc - lax.broadcast_in_dim(m_new, sc.shape, [0]))
+            l_ = l_ * alpha + p.sum(axis=1)
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            p16 = p.astype(jnp.bfloat16)
+            if interpret:
+                v = jnp.where(wg == 0, k_s.at[slot, 0][...], k_s.at[slot, 1][...])
+                acc = acc + jnp.dot(p16, v, preferred_element_type=jnp.float32)
+            else:
+                def pv(acc_ref):
+                    plgpu.wgmma(acc_ref, p16, k_s.at[slot, wg])
+                    plgpu.wgmma_wait(0)
+
+                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+            plgpu.barrier_arrive(used_bar.at[slot])
+            return acc, m_new, l_
+
+        acc, m, l_ = lax.fori_loop(0, n, step, (acc0, m0, l0))
+        l_safe = jnp.maximum(l_, 1e-30)  # a split that saw no key: l = 0 and acc = 0
+        o = acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])
+        plgpu.barrier_arrive(done_bar)  # both warpgroups are past their last read of q_s
+        plgpu.barrier_wait(done_bar)
+        q_s.at[wg][...] = o.astype(jnp.bfloat16)
+
+        @pl.when(wg == 0)
+        def _():
+            lse_s[...] = m + jnp.log2(l_safe)
+
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_s.at[wg], o_g.at[b, s, tk, :, pl.ds(pl.multiple_of(wg * half, 64), half)])
+
+        @pl.when(wg == 0)
+        def _():
+            plgpu.copy_smem_to_gmem(lse_s, lse_g.at[b, s, tk])
+
+        plgpu.wait_smem_to_gmem(0)
+
+
+@functools.partial(jax.jit, static_argnames=("ratio", "cfg", "interpret", "scale", "w_real"))
+def _call(q, kv, ring, pos0, sink, rows, count, *, ratio: int, cfg: MgpuAttnConfig, interpret: bool, scale: float,
+          w_real: int):
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    b, t, _, d = q.shape
+    bk = cfg.bk
+    dense = rows is not None
+    r = rows.shape[1] if dense else 0
+    splits = cfg.splits if dense else 1
+
+    def at_least(a, n_rows):  # every TMA block lies inside its array and starts at a multiple of 8 rows
+        n_rows = max(n_rows, -(-a.shape[1] // 8) * 8)
+        return a if a.shape[1] == n_rows else jnp.pad(a, ((0, 0), (0, n_rows - a.shape[1]), (0, 0)))
+
+    kv = at_least(kv.astype(jnp.bfloat16), bk)
+    ring = at_least(ring.astype(jnp.bfloat16), bk)
+    rows = at_least(rows.astype(jnp.bfloat16), bk) if dense else kv
+    cnt = count.astype(jnp.int32) if count is not None else jnp.full((b,), r, jnp.int32)
+    meta = jnp.stack([pos0.astype(jnp.int32), cnt, jnp.zeros_like(cnt), jnp.zeros_like(cnt)], axis=1)
+    cfg = dataclasses.replace(cfg, splits=splits)
+    half = d // 2
+    kernel = functools.partial(_kernel, t=t, w=w_real, r=r, ratio=ratio, dense=dense, cfg=cfg, d=d, scale=scale,
+                               interpret=interpret)
+    ttile = smem_transforms(half, 16)
+
+    def entry(meta_g, sink_g, q_g, kv_g, ring_g, rows_g, o_g, lse_g):
+        scratch = [plgpu.SMEM((1, 4), jnp.int32), plgpu.SMEM((HEADS,), jnp.float32),
+                   plgpu.SMEM((2, HEADS, half), jnp.bfloat16, transforms=ttile),
+                   plgpu.SMEM((cfg.stages, 2, bk, half), jnp.bfloat16, transforms=ttile),
+                   plgpu.SMEM((HEADS,), jnp.float32)]
+        barriers = (plgpu.Barrier(num_barriers=4), plgpu.Barrier(num_barriers=2 * cfg.stages),
+                    plgpu.Barrier(num_arrivals=2, num_barriers=cfg.stages), plgpu.Barrier(num_arrivals=2))
+        pl.run_scoped(lambda *a: kernel(meta_g, sink_g, q_g, kv_g, ring_g, rows_g, o_g, lse_g, a), scratch,
+                      barriers, collective_axes="wg")
+
+    kw = {"interpret": plgpu.InterpretGPUParams()} if interpret else {}
+    o, lse = plgpu.kernel(
+        entry, out_type=(jax.ShapeDtypeStruct((b, splits, t, HEADS, d), jnp.bfloat16),
+                         jax.ShapeDtypeStruct((b, splits, t, HEADS), jnp.float32)),
+        grid=(splits, b, t), grid_names=("s", "b", "t"), num_threads=3, thread_name="wg",  # the last is CUDA's x
+        compiler_params=plgpu.CompilerParams(approx_math=True), **kw,
+    )(meta, sink.astype(jnp.float32), q.astype(jnp.bfloat16), kv, ring, rows)
+    if splits == 1:
+        return o[:, 0]
+    mx = jnp.max(lse, axis=1, keepdims=True)
+    wgt = jnp.exp2(lse - mx)
+    return (jnp.sum(o.astype(jnp.float32) * wgt[..., None], axis=1)
+            / jnp.sum(wgt, axis=1)[..., None]).astype(jnp.bfloat16)
+
+
+def compressed_attention_mgpu(q: jax.Array, kv: jax.Array, ring: jax.Array, pos0: jax.Array, sink: jax.Array,
+                              rows: jax.Array | None = None, *, ratio: int = 1, count: jax.Array | None = None,
+                              config: MgpuAttnConfig | None = None, interpret: bool = False) -> jax.Array:
+    """:func:`~.compressed_attention.compressed_attention` without a selection, for ``H = 64`` and ``d`` of
+    :func:`supported`: ``q [B, T, 64, d]``, ``kv [B, T, d]``, ``ring [B, W, d]``, ``pos0 [B]``, ``sink [64]``,
+    optional ``rows [B, R, d]`` -> ``o [B, T, 64, d]`` bf16."""
+    b, t, h, d = q.shape
+    r = 0 if rows is None else rows.shape[1]
+    cfg = config or default_config(t, r, b, d)
+    if not supported(h, d, cfg) or smem_bytes(d, cfg, interpret) > SMEM_BYTES:
+        raise ValueError(f"compressed_attention_mgpu takes 64 heads and d a multiple of 128 up to 512 within "
+                         f"{SMEM_BYTES} bytes of shared memory; got H={h}, d={d}, {cfg}")
+    return _call(q, kv, ring, pos0, sink, rows, count, ratio=ratio, cfg=cfg, interpret=interpret, scale=d**-0.5,
+                 w_real=ring.shape[1])
