@@ -102,8 +102,11 @@ def _kernel(meta_g, sink_g, q_g, kv_g, ring_g, rows_g, o_g, lse_g, scoped, *, t:
 
     # Which keys: per-program scalars, computed alike by all three warpgroups once the meta row has landed.
     @pl.when(wg == 2)
-    def _meta():
+    def _first_copies():  # the token's queries and the sinks do not wait for the meta row
         plgpu.copy_gmem_to_smem(meta_g.at[pl.ds(b, 1)], meta_s, bars.at[0])
+        plgpu.copy_gmem_to_smem(sink_g, sink_s, bars.at[1])
+        for hh in range(2):
+            plgpu.copy_gmem_to_smem(q_g.at[b, tk, :, pl.ds(hh * half, half)], q_s.at[hh], bars.at[2 + hh])
 
     plgpu.barrier_wait(bars.at[0])
     pos0, cnt = meta_s[0, 0], meta_s[0, 1]
@@ -136,9 +139,6 @@ def _kernel(meta_g, sink_g, q_g, kv_g, ring_g, rows_g, o_g, lse_g, scoped, *, t:
     @pl.when(wg == 2)
     def _memory():
         plgpu.set_max_registers(40, action="decrease")
-        plgpu.copy_gmem_to_smem(sink_g, sink_s, bars.at[1])
-        for hh in range(2):
-            plgpu.copy_gmem_to_smem(q_g.at[b, tk, :, pl.ds(hh * half, half)], q_s.at[hh], bars.at[2 + hh])
 
         @pl.loop(0, n)
         def _issue(i):
