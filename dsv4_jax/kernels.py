@@ -15,7 +15,9 @@
   selected rows as ascending indices (``[B, T, top_k]``, -1 padding) rather than a ``[B, T, R]`` mask, and
   :func:`window_attention` those of ``attention.attend`` over the window and compressed rows that
   ``attention.attention`` builds, gathering each token's selected rows (Pallas-Triton on GPU in bf16:
-  ``pallas_kernels.indexer_topk`` and ``pallas_kernels.compressed_attention``).
+  ``pallas_kernels.indexer_topk`` and ``pallas_kernels.compressed_attention``; on Hopper, the window and HCA
+  layers of 64 heads through the Mosaic GPU kernel ``pallas_kernels.compressed_attention_mgpu`` where it
+  measured faster, chosen inside ``pallas_kernels``).
 
 ``interpret=True`` runs the kernels on any backend with Pallas' interpreter (tests); ``w4a4=True`` selects the
 Blackwell-numerics option (activations quantised to NVFP4 with the checkpoint's ``input_scale``).

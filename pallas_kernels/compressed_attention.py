@@ -20,6 +20,11 @@ initial running maximum ``z_h`` with weight 1 (a virtual key of zero value). For
 rows (or selected indices) are split over ``splits`` programs whose partial ``(acc, max, sum)`` are merged
 afterwards. Nothing of size ``T x T`` or ``T x R`` is built.
 
+On a Hopper GPU, :func:`compressed_attention` hands the cases without a selection (the window layers and HCA)
+at 64 heads to the Mosaic GPU kernel of :mod:`pallas_kernels.compressed_attention_mgpu` where that measured
+faster (:func:`use_mgpu`: prefill chunks, and HCA decode of 8 tokens or more a step); CSA's gathered rows and
+every other shape stay here.
+
 Numerics: the reference rounds the *normalised* probabilities to bf16; the kernel rounds the unnormalised
 ``exp(s - m_running)`` and divides in fp32 at the end, so the two agree to bf16 rounding (about 2^-8).
 """

@@ -25,6 +25,7 @@ from cupti_timing import extension, median_kernel_ms, median_wall_ms
 
 from dsv4_jax import kernels
 from pallas_kernels import compressed_attention as CA
+from pallas_kernels import compressed_attention_mgpu as CM
 from pallas_kernels import indexer_topk as IX
 
 H, D, W, HI, DI, TOPK = 64, 512, 128, 64, 128, 512
@@ -255,7 +256,8 @@ def sweep_indexer(key, mm: float, bw: float):
 
 
 def sweep_decode(key, bw: float, b: int, contexts: list[int]):
-    """Tile choices of the decode attention kernel alone (CSA with a spread selection, HCA over all rows)."""
+    """Tile choices of the decode attention kernel alone (CSA with a spread selection, HCA over all rows; for HCA
+    also the Mosaic GPU kernel's splits)."""
     for ctx in contexts:
         print(f"\nDecode attention at {ctx} cached tokens, batch {b} (kernel only, µs; default = the kernel's own "
               "choice):\n\n| layer | bm | warps | splits | kernel µs | x floor |\n|---|---|---|---|---|---|", flush=True)
@@ -285,6 +287,21 @@ def sweep_decode(key, bw: float, b: int, contexts: list[int]):
                 tag = " (default)" if i == 0 else ""
                 print(f"| {kind} | {bm} | {nw} | {splits}{tag} | {us:.1f} | {us * 1e-6 / floor:.1f} |", flush=True)
                 del args
+            if kind == "HCA" and CM.supported(H, D):  # the Mosaic GPU kernel's splits (bm / warps: its own)
+                dflt = CM.default_config(1, n_rows, b).splits
+                for splits in sorted({dflt, 1, 2, 3, 4, 6, 8, 16, 32} - {s for s in (16, 32) if b * s > 264}):
+                    cfg = CM.MgpuAttnConfig(splits=splits)
+                    f = jax.jit(lambda *a, cfg=cfg: CM.compressed_attention_mgpu(*a, ratio=128, config=cfg))
+                    args = copies((q, kv, ring, pos0, sink, rows))
+                    try:
+                        k, wall = measure(f, args, 20)
+                    except Exception as e:  # noqa: BLE001
+                        print(f"| HCA | Mosaic | - | {splits} | {type(e).__name__} |", flush=True)
+                        continue
+                    us = (k or wall) * 1e3
+                    tag = " (default)" if splits == dflt else ""
+                    print(f"| HCA | Mosaic | - | {splits}{tag} | {us:.1f} | {us * 1e-6 / floor:.1f} |", flush=True)
+                    del args
 
 
 def main():
