@@ -4,9 +4,9 @@ kernel of :mod:`pallas_kernels.compressed_attention`, with the same contract and
 (:func:`~.compressed_attention.compressed_attention_reference`); CSA's gathered rows stay with Triton.
 
 Why a second kernel: with one shared 512-d latent (K = V) the ``64 x 512`` fp32 output accumulator of a token's 64
-heads is 256 registers a thread for one warpgroup. Triton lays it over 8 warps in a way that computes ``Q K^T``
-twice and spills (BENCHMARKS.md, "What Triton makes of the kernels"); it reaches 150-250 TFLOP/s. Here the
-layout is chosen by hand:
+heads is 256 registers a thread for one warpgroup. Triton spreads it over 8 warps with a layout it chooses itself,
+spills 424-448 bytes a thread, and runs one program an SM with nothing to overlap its loads and softmax
+(BENCHMARKS.md, "What Triton makes of the kernels"): 150-250 TFLOP/s. Here the layout is chosen by hand:
 
 * one program is one token's ``H = 64`` heads (wgmma's M) against its keys, split over ``splits`` programs along
   the compressed rows for long decode contexts;
@@ -24,7 +24,8 @@ layout is chosen by hand:
 
 Numerics as the Triton kernel: fp32 scores and statistics (base 2, ``scale * log2 e`` folded into the scores),
 bf16 ``exp2(s - m_running)`` into ``P @ V``, fp32 sums; the sink is the initial maximum of split 0 with weight
-1. Each program writes its output normalised, in bf16, with its log-sum-exp (base 2); splits are merged by XLA.
+1. Each program writes its output normalised, in bf16, with its log-sum-exp (base 2); splits are merged by XLA
+in fp32 (a split's rounding to bf16 adds at most 2^-9 relative to its share).
 
 The GPU interpreter (``interpret=True``, CPU tests) runs no wgmma in a kernel of several warpgroups: there the two
 products are ``jnp.dot`` of the same shared-memory tiles (the copies, barriers, masks, softmax and epilogue are
@@ -46,6 +47,8 @@ from .fp8_matmul_mgpu import available, smem_transforms  # noqa: F401  (availabl
 HEADS = 64
 """Query rows of a program: one token's heads (wgmma's M); the kernel takes exactly this head count."""
 SMEM_BYTES = 227 << 10
+MOSAIC_RESERVED = 5 << 10
+"""Shared memory Mosaic GPU adds to the kernel's own buffers (4.7 KB measured at these tiles: alignment, barriers)."""
 _NEG = -1e30  # finite "no key yet" maximum: keeps exp2(m_old - m_new) free of inf - inf
 _LOG2E = math.log2(math.e)
 
@@ -60,8 +63,9 @@ class MgpuAttnConfig:
     splits: int = 1
 
 
-def smem_bytes(d: int, cfg: MgpuAttnConfig, interpret: bool = False) -> int:
-    return 2 * HEADS * d + cfg.stages * cfg.bk * d * 2 + 2 * HEADS * 4
+def smem_bytes(d: int, cfg: MgpuAttnConfig) -> int:
+    """Shared memory of one program: the query tile, the key slots, the sinks and log-sum-exps, Mosaic's own."""
+    return 2 * HEADS * d + cfg.stages * cfg.bk * d * 2 + 2 * HEADS * 4 + 16 + MOSAIC_RESERVED
 
 
 def supported(h: int, d: int, cfg: MgpuAttnConfig | None = None) -> bool:
@@ -299,7 +303,7 @@ def compressed_attention_mgpu(q: jax.Array, kv: jax.Array, ring: jax.Array, pos0
     b, t, h, d = q.shape
     r = 0 if rows is None else rows.shape[1]
     cfg = config or default_config(t, r, b, d)
-    if not supported(h, d, cfg) or smem_bytes(d, cfg, interpret) > SMEM_BYTES:
+    if not supported(h, d, cfg):
         raise ValueError(f"compressed_attention_mgpu takes 64 heads and d a multiple of 128 up to 512 within "
                          f"{SMEM_BYTES} bytes of shared memory; got H={h}, d={d}, {cfg}")
     return _call(q, kv, ring, pos0, sink, rows, count, ratio=ratio, cfg=cfg, interpret=interpret, scale=d**-0.5,

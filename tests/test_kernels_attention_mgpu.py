@@ -100,10 +100,10 @@ def test_shapes_and_dispatch_policy(monkeypatch):
     assert not CA.use_mgpu(1, 4096, 64, 512, dense=True)
 
 
-@pytest.mark.parametrize("b,t,n_rows", [(1, 256, 1024), (4, 1, 8192), (2, 1, 0)])
-def test_kernel_lowers_for_hopper_on_cpu(b, t, n_rows):
-    """Mosaic GPU lowers the kernel (layout inference, the wgmma operands, TMA offsets proven multiples of 8)
-    for a CUDA device without one, at Flash's dimensions."""
+@pytest.mark.parametrize("b,t,n_rows,d", [(1, 256, 1024, 512), (4, 1, 8192, 512), (2, 1, 0, 512), (1, 100, 30, 384)])
+def test_kernel_lowers_for_hopper_on_cpu(b, t, n_rows, d):
+    """Mosaic GPU lowers the kernel (layout inference, the wgmma operands, TMA offsets proven multiples of 8,
+    shared memory within the SM's) for a CUDA device without one, at Flash's dimensions and with 3 key slots."""
     _interpret_or_skip()
     try:
         jax.jit(lambda v: v + 1).trace(jax.ShapeDtypeStruct((8,), jnp.float32)).lower(lowering_platforms=("cuda",))
@@ -114,8 +114,8 @@ def test_kernel_lowers_for_hopper_on_cpu(b, t, n_rows):
     def f(q, kv, ring, pos0, sink, rows):
         return CM.compressed_attention_mgpu(q, kv, ring, pos0, sink, rows, ratio=128)
 
-    args = (sd((b, t, 64, 512), jnp.bfloat16), sd((b, t, 512), jnp.bfloat16), sd((b, 128, 512), jnp.bfloat16),
-            sd((b,), jnp.int32), sd((64,), jnp.float32), sd((b, n_rows, 512), jnp.bfloat16) if n_rows else None)
+    args = (sd((b, t, 64, d), jnp.bfloat16), sd((b, t, d), jnp.bfloat16), sd((b, 128, d), jnp.bfloat16),
+            sd((b,), jnp.int32), sd((64,), jnp.float32), sd((b, n_rows, d), jnp.bfloat16) if n_rows else None)
     low = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
     assert "mosaic_gpu" in low.as_text()
 
