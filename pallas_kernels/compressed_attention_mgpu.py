@@ -20,7 +20,8 @@ spills 424-448 bytes a thread, and runs one program an SM with nothing to overla
   the chunk's own window rows, then the compressed rows ``c < min((pos + 1) // ratio, count)``. A block that
   would run past the end of its array starts earlier instead (``start = min(nominal, rows - bk)``) and masks the
   rows before its nominal start, so no copy leaves its array and no row is counted twice. Every mask depends
-  on the key only (all rows of a program are one token), so it is a column predicate from ``iota``.
+  on the key only (all rows of a program are one token), so it is a column predicate from ``iota``; a block of
+  rows wholly visible skips it.
 
 Numerics as the Triton kernel: fp32 scores and statistics (base 2, ``scale * log2 e`` folded into the scores),
 bf16 ``exp2(s - m_running)`` into ``P @ V``, fp32 sums; the sink is the initial maximum of split 0 with weight
@@ -193,16 +194,22 @@ def _kernel(meta_g, sink_g, q_g, kv_g, ring_g, rows_g, o_g, lse_g, scoped, *, t:
 
                 sc = pl.run_scoped(qk, plgpu.ACC((HEADS, bk), jnp.float32)) * (scale * _LOG2E)
             src, start, nominal = block(i)
-            key = start + col
-            # valid: nominal <= key <= khi and vlo <= val <= vhi, val = the key's position (ring) or index
-            is_ring = (src == 0).astype(jnp.int32)
-            ps = pos0 - w + key - r0 + jnp.where(key < r0, w, 0)  # ring slot -> position (slot = pos mod W)
-            val = key + is_ring * (ps - key)
-            vlo = jnp.where(src == 0, jnp.maximum(0, pos - w + 1), jnp.where(src == 1, tk - w + 1, 0))
-            vhi = jnp.where(src == 0, pos, jnp.where(src == 1, tk, lim - 1))
-            khi = jnp.where(src == 0, w - 1, rp + tp)
-            ok = (key >= nominal) & (key <= khi) & (val >= vlo) & (val <= vhi)
-            sc = jnp.where(ok, sc, -jnp.inf)
+
+            def masked():
+                key = start + col
+                # valid: nominal <= key <= khi and vlo <= val <= vhi, val = the key's position (ring) or index
+                is_ring = (src == 0).astype(jnp.int32)
+                ps = pos0 - w + key - r0 + jnp.where(key < r0, w, 0)  # ring slot -> position (slot = pos mod W)
+                val = key + is_ring * (ps - key)
+                vlo = jnp.where(src == 0, jnp.maximum(0, pos - w + 1), jnp.where(src == 1, tk - w + 1, 0))
+                vhi = jnp.where(src == 0, pos, jnp.where(src == 1, tk, lim - 1))
+                khi = jnp.where(src == 0, w - 1, rp + tp)
+                ok = (key >= nominal) & (key <= khi) & (val >= vlo) & (val <= vhi)
+                return jnp.where(ok, sc, -jnp.inf)
+
+            # a block of compressed rows wholly below the limit, where it should start, needs no mask
+            whole = (src == 2) & (start == nominal) & (start + bk <= lim)
+            sc = lax.cond(whole, lambda: sc, masked)
             m_new = jnp.maximum(m, sc.max(axis=1))
             alpha = jnp.exp2(m - m_new)
             p = jnp.exp2(sc - lax.broadcast_in_dim(m_new, sc.shape, [0]))
