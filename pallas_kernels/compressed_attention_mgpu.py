@@ -154,6 +154,7 @@ def _kernel(meta_g, sink_g, q_g, kv_g, ring_g, rows_g, o_g, lse_g, scoped, *, t:
                 plgpu.barrier_wait(used_bar.at[slot])
 
             src, start, _ = block(i)
+
             def copy(ref):
                 for hh in range(2):
                     plgpu.copy_gmem_to_smem(ref.at[b, pl.ds(start, bk), pl.ds(hh * half, half)],

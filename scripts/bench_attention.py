@@ -273,36 +273,28 @@ def sweep_decode(key, bw: float, b: int, contexts: list[int]):
                                     (32, 4, 2), (32, 4, 4), (32, 4, 8), (32, 4, 16), (32, 4, 32), (32, 4, 64),
                                     (64, 4, 16), (16, 4, 8), (16, 4, 32), (64, 16, 4), (64, 16, 8)]
                         if c not in choices and not (kind == "CSA" and c[2] > 8)]
+            runs = []  # (bm, warps, splits, default?, function of (q, kv, ring, pos0, sink, rows))
             for i, (bm, nw, splits) in enumerate(choices):
                 cfg = CA.AttnConfig(bm=bm, bk=64, splits=splits, num_warps=nw)
-                f = jax.jit(lambda *a, cfg=cfg, idx=idx, kind=kind: CA.compressed_attention(
-                    *a, ratio=RATIO[kind], idx=idx, config=cfg))
+                runs.append((bm, nw, splits, i == 0, lambda *a, cfg=cfg, idx=idx, kind=kind: CA.compressed_attention(
+                    *a, ratio=RATIO[kind], idx=idx, config=cfg)))
+            if kind == "HCA" and CM.supported(H, D):  # the Mosaic GPU kernel's splits (bm / warps: its own)
+                dflt_m = CM.default_config(1, n_rows, b).splits
+                for splits in sorted({dflt_m, 1, 2, 3, 4, 6, 8, 16, 32} - {s for s in (16, 32) if b * s > 264}):
+                    cfg = CM.MgpuAttnConfig(splits=splits)
+                    runs.append(("Mosaic", "-", splits, splits == dflt_m,
+                                 lambda *a, cfg=cfg: CM.compressed_attention_mgpu(*a, ratio=128, config=cfg)))
+            for bm, nw, splits, is_default, fn in runs:
                 args = copies((q, kv, ring, pos0, sink, rows))
                 try:
-                    k, wall = measure(f, args, 20)
+                    k, wall = measure(jax.jit(fn), args, 20)
                 except Exception as e:  # noqa: BLE001
                     print(f"| {kind} | {bm} | {nw} | {splits} | {type(e).__name__} |", flush=True)
                     continue
                 us = (k or wall) * 1e3
-                tag = " (default)" if i == 0 else ""
+                tag = " (default)" if is_default else ""
                 print(f"| {kind} | {bm} | {nw} | {splits}{tag} | {us:.1f} | {us * 1e-6 / floor:.1f} |", flush=True)
                 del args
-            if kind == "HCA" and CM.supported(H, D):  # the Mosaic GPU kernel's splits (bm / warps: its own)
-                dflt = CM.default_config(1, n_rows, b).splits
-                for splits in sorted({dflt, 1, 2, 3, 4, 6, 8, 16, 32} - {s for s in (16, 32) if b * s > 264}):
-                    cfg = CM.MgpuAttnConfig(splits=splits)
-                    f = jax.jit(lambda *a, cfg=cfg: CM.compressed_attention_mgpu(*a, ratio=128, config=cfg))
-                    args = copies((q, kv, ring, pos0, sink, rows))
-                    try:
-                        k, wall = measure(f, args, 20)
-                    except Exception as e:  # noqa: BLE001
-                        print(f"| HCA | Mosaic | - | {splits} | {type(e).__name__} |", flush=True)
-                        continue
-                    us = (k or wall) * 1e3
-                    tag = " (default)" if splits == dflt else ""
-                    print(f"| HCA | Mosaic | - | {splits}{tag} | {us:.1f} | {us * 1e-6 / floor:.1f} |", flush=True)
-                    del args
-
 
 def main():
     ap = argparse.ArgumentParser()
