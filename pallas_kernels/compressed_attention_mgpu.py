@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from .compressed_attention import _NEG, _dot_nt
 from .fp8_matmul_mgpu import available, smem_transforms  # noqa: F401  (available: shared Hopper check)
 
 HEADS = 64
@@ -50,7 +51,6 @@ HEADS = 64
 SMEM_BYTES = 227 << 10
 MOSAIC_RESERVED = 5 << 10
 """Shared memory Mosaic GPU adds to the kernel's own buffers (4.7 KB measured at these tiles: alignment, barriers)."""
-_NEG = -1e30  # finite "no key yet" maximum: keeps exp2(m_old - m_new) free of inf - inf
 _LOG2E = math.log2(math.e)
 
 
@@ -88,10 +88,6 @@ def default_config(t: int, r: int, batch: int, d: int = 512) -> MgpuAttnConfig:
         while batch * splits * 2 <= 132 and blocks // (splits * 2) >= 2:
             splits *= 2
     return MgpuAttnConfig(bk=bk, stages=stages, splits=splits)
-
-
-def _dot_nt(a, b):
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 def _kernel(meta_g, sink_g, q_g, kv_g, ring_g, rows_g, o_g, lse_g, scoped, *, t: int, w: int, r: int, ratio: int,

@@ -1,7 +1,10 @@
-"""Shared helpers of the kernel tests: fresh random NVFP4 / FP8 weights and the error measure."""
+"""Shared helpers of the kernel tests: fresh random NVFP4 / FP8 weights, the error measure, and the skips of the
+Mosaic GPU tests on a jax without its interpreter or cross-platform lowering."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from dsv4_jax import quant
 
@@ -40,3 +43,18 @@ def rel(a, b) -> float:
 # fp32 results agree to ~1e-6 relative; bf16 results to one bf16 rounding (2^-8 relative per element).
 F32_TOL = 1e-5
 BF16_TOL = 2.0**-8
+
+
+def mgpu_interpret_or_skip():
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    if not hasattr(plgpu, "InterpretGPUParams"):
+        pytest.skip("this jax has no Mosaic GPU interpreter")
+
+
+def mgpu_lowering_or_skip():
+    mgpu_interpret_or_skip()
+    try:
+        jax.jit(lambda v: v + 1).trace(jax.ShapeDtypeStruct((8,), jnp.float32)).lower(lowering_platforms=("cuda",))
+    except (TypeError, AttributeError, ValueError) as e:  # a jax without cross-platform lowering
+        pytest.skip(f"cannot lower for cuda here: {e}")

@@ -9,20 +9,13 @@ Tolerances as tests/test_kernels_attention.py: bf16 rounding of the output and o
 import jax
 import jax.numpy as jnp
 import pytest
-from kernel_utils import bf16, rel, rng
+from kernel_utils import bf16, mgpu_interpret_or_skip, mgpu_lowering_or_skip, rel, rng
 
 from dsv4_jax import kernels
 from pallas_kernels import compressed_attention as CA
 from pallas_kernels import compressed_attention_mgpu as CM
 
 ATTN_TOL = 8e-3
-
-
-def _interpret_or_skip():
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    if not hasattr(plgpu, "InterpretGPUParams"):
-        pytest.skip("this jax has no Mosaic GPU interpreter")
 
 
 def _inputs(r, b, t, d, w, n_rows):
@@ -52,7 +45,7 @@ CASES = [
 
 @pytest.mark.parametrize("b,t,w,n_rows,ratio,pos0,count,cfg", CASES)
 def test_kernel_equals_reference_interpret(b, t, w, n_rows, ratio, pos0, count, cfg):
-    _interpret_or_skip()
+    mgpu_interpret_or_skip()
     r = rng(b * 100 + t)
     q, kv, ring, rows, sink = _inputs(r, b, t, 128, w, n_rows)
     pos0 = jnp.asarray(pos0)
@@ -64,7 +57,7 @@ def test_kernel_equals_reference_interpret(b, t, w, n_rows, ratio, pos0, count, 
 
 def test_dispatch_takes_the_mosaic_kernel_when_asked_interpret():
     """``compressed_attention(mgpu=True)`` is this kernel (the head size 256 splits into two 128-column halves)."""
-    _interpret_or_skip()
+    mgpu_interpret_or_skip()
     r = rng(7)
     q, kv, ring, rows, sink = _inputs(r, 1, 3, 256, 8, 12)
     pos0 = jnp.asarray([40])
@@ -104,11 +97,7 @@ def test_shapes_and_dispatch_policy(monkeypatch):
 def test_kernel_lowers_for_hopper_on_cpu(b, t, n_rows, d):
     """Mosaic GPU lowers the kernel (layout inference, the wgmma operands, TMA offsets proven multiples of 8,
     shared memory within the SM's) for a CUDA device without one, at Flash's dimensions and with 3 key slots."""
-    _interpret_or_skip()
-    try:
-        jax.jit(lambda v: v + 1).trace(jax.ShapeDtypeStruct((8,), jnp.float32)).lower(lowering_platforms=("cuda",))
-    except (TypeError, AttributeError, ValueError) as e:
-        pytest.skip(f"cannot lower for cuda here: {e}")
+    mgpu_lowering_or_skip()
     sd = jax.ShapeDtypeStruct
 
     def f(q, kv, ring, pos0, sink, rows):

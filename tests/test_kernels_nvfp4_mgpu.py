@@ -6,7 +6,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from kernel_utils import F32_TOL, bf16, nvfp4, random_routing, rel, rng
+from kernel_utils import (
+    F32_TOL,
+    bf16,
+    mgpu_interpret_or_skip,
+    mgpu_lowering_or_skip,
+    nvfp4,
+    random_routing,
+    rel,
+    rng,
+)
 
 from dsv4_jax import quant
 from pallas_kernels import nvfp4_layout as L
@@ -16,13 +25,6 @@ from pallas_kernels import nvfp4_moe as MO
 
 # The hidden is rounded to bf16 before w2 in kernel and reference alike (see test_kernels_moe).
 MOE_TOL = 2.0**-8
-
-
-def _interpret_or_skip():
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    if not hasattr(plgpu, "InterpretGPUParams"):
-        pytest.skip("this jax has no Mosaic GPU interpreter")
 
 
 @pytest.mark.parametrize("tile_k", [128, 256])
@@ -60,7 +62,7 @@ def test_dense_kernel_equals_reference_interpret(m, n, k, tile_k, split):
     """Ragged M, N, K (padding rows and columns), every step width (512: two 256-column decodes a step),
     split K, the scales copied once per program (K slices of 512+) or a step at a time; through
     ``nvfp4_matmul``."""
-    _interpret_or_skip()
+    mgpu_interpret_or_skip()
     r = rng()
     w, x = nvfp4(r, n, k), bf16(r, m, k)
     cfg = NM.MatmulConfig(method="mgpu", bk=tile_k, split_k=split, num_stages=2)
@@ -87,7 +89,7 @@ def _moe_cfg(schedule, bm=8, bk=128, split13=2):
 def test_grouped_kernel_equals_reference_interpret(schedule, t, kind):
     """Both schedules; an empty expert (E-1 never chosen), all tokens on one expert (several blocks of it, with
     the sorted schedule's 8-row blocks), pairs of other shards' experts (-1) adding nothing; SwiGLU clip bound."""
-    _interpret_or_skip()
+    mgpu_interpret_or_skip()
     r = rng()
     ws, ps = _experts(r)
     ids = np.stack([r.choice(E - 1, K, replace=False) for _ in range(t)])
@@ -108,14 +110,6 @@ def test_grouped_kernel_equals_reference_interpret(schedule, t, kind):
     assert rel(y, MO.nvfp4_moe_reference(x, jnp.asarray(ref_ids), jnp.asarray(ref_w), *ws, 4.0)) < MOE_TOL
 
 
-def _lowering_or_skip():
-    _interpret_or_skip()
-    try:
-        jax.jit(lambda v: v + 1).trace(jax.ShapeDtypeStruct((8,), jnp.float32)).lower(lowering_platforms=("cuda",))
-    except (TypeError, AttributeError, ValueError) as e:  # a jax without cross-platform lowering
-        pytest.skip(f"cannot lower for cuda here: {e}")
-
-
 def _packed_struct(n, k, lead=()):
     sd = jax.ShapeDtypeStruct
     return L.Nvfp4Packed(sd((*lead, n, k // 2), jnp.uint8), sd((*lead, n, k // 16), jnp.float8_e4m3fn),
@@ -129,7 +123,7 @@ def _packed_struct(n, k, lead=()):
 def test_dense_kernel_lowers_for_hopper_on_cpu(m, n, k, cfg):
     """Mosaic GPU lowers the PTX path (layout inference and the inline PTX included) for a CUDA device without
     one, at the model's shapes, every step width."""
-    _lowering_or_skip()
+    mgpu_lowering_or_skip()
     cfg = cfg or NM.mgpu_config(m, n, k)
 
     def f(x, p):
@@ -144,7 +138,7 @@ def test_dense_kernel_lowers_for_hopper_on_cpu(m, n, k, cfg):
 def test_grouped_kernel_lowers_for_hopper_on_cpu(t, once):
     """Both MoE launches (w1 and w3 together; w2) at Flash's expert shapes, with the Hopper defaults (pairs
     sharing row blocks for one token, sorted blocks for 16), scales a step at a time or once a program."""
-    _lowering_or_skip()
+    mgpu_lowering_or_skip()
     e, d, i = 8, 4096, 2048
     cfg = MO.mgpu_config(t * 6)
 
