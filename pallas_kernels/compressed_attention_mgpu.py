@@ -246,14 +246,13 @@ def _kernel(meta_g, sink_g, q_g, kv_g, ring_g, rows_g, o_g, lse_g, scoped, *, t:
         plgpu.wait_smem_to_gmem(0)
 
 
-@functools.partial(jax.jit, static_argnames=("ratio", "cfg", "interpret", "scale", "w_real"))
-def _call(q, kv, ring, pos0, sink, rows, count, *, ratio: int, cfg: MgpuAttnConfig, interpret: bool, scale: float,
-          w_real: int):
+@functools.partial(jax.jit, static_argnames=("ratio", "cfg", "interpret", "scale"))
+def _call(q, kv, ring, pos0, sink, rows, count, *, ratio: int, cfg: MgpuAttnConfig, interpret: bool, scale: float):
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     b, t, _, d = q.shape
-    bk = cfg.bk
+    bk, w = cfg.bk, ring.shape[1]  # the window before the ring is padded
     dense = rows is not None
     r = rows.shape[1] if dense else 0
     splits = cfg.splits if dense else 1
@@ -269,7 +268,7 @@ def _call(q, kv, ring, pos0, sink, rows, count, *, ratio: int, cfg: MgpuAttnConf
     meta = jnp.stack([pos0.astype(jnp.int32), cnt, jnp.zeros_like(cnt), jnp.zeros_like(cnt)], axis=1)
     cfg = dataclasses.replace(cfg, splits=splits)
     half = d // 2
-    kernel = functools.partial(_kernel, t=t, w=w_real, r=r, ratio=ratio, dense=dense, cfg=cfg, d=d, scale=scale,
+    kernel = functools.partial(_kernel, t=t, w=w, r=r, ratio=ratio, dense=dense, cfg=cfg, d=d, scale=scale,
                                interpret=interpret)
     ttile = smem_transforms(half, 16)
 
@@ -310,5 +309,4 @@ def compressed_attention_mgpu(q: jax.Array, kv: jax.Array, ring: jax.Array, pos0
     if not supported(h, d, cfg):
         raise ValueError(f"compressed_attention_mgpu takes 64 heads and d a multiple of 128 up to 512 within "
                          f"{SMEM_BYTES} bytes of shared memory; got H={h}, d={d}, {cfg}")
-    return _call(q, kv, ring, pos0, sink, rows, count, ratio=ratio, cfg=cfg, interpret=interpret, scale=d**-0.5,
-                 w_real=ring.shape[1])
+    return _call(q, kv, ring, pos0, sink, rows, count, ratio=ratio, cfg=cfg, interpret=interpret, scale=d**-0.5)
