@@ -10,12 +10,19 @@ spills 424-448 bytes a thread, and runs one program an SM with nothing to overla
 
 * one program is one token's ``H = 64`` heads (wgmma's M) against its keys, split over ``splits`` programs along
   the compressed rows for long decode contexts;
-* three warpgroups: a memory one that streams ``[bk, d]`` key tiles with TMA through ``stages`` shared-memory
-  slots, and two compute ones, each owning half of the output columns (a ``64 x d/2`` fp32 accumulator, 128
-  registers a thread at d = 512). Both compute the whole ``S = Q K^T`` (K-dim ``d``), so each has the scores
-  for its own softmax without an exchange: the tensor cores do 1.5x the minimal work, and the two warpgroups
-  run out of step, one's softmax overlapping the other's products. ``P @ V`` takes P from registers and the
-  warpgroup's half of the key tile as V;
+* three warpgroups, each with its own job, so ``S = Q K^T`` is computed once:
+  - a *scores* warpgroup multiplies ``S = Q K^T`` (K-dim ``d``), masks it, keeps the running maximum and sum,
+    and publishes ``P = exp2(S - m)`` in bf16 (``64 x bk``) with the rescale factors ``exp2(m_old - m)``
+    through two shared-memory slots;
+  - two *value* warpgroups each own half of the output columns (a ``64 x d/2`` fp32 accumulator, 128 registers
+    a thread at d = 512): they rescale it and add ``P @ V`` (P from shared memory, V their half of the key
+    tile). Each also streams its half of the ``[bk, d]`` key tiles with TMA through ``stages`` slots: once its
+    ``P @ V`` of step i is done, nothing reads that half of the slot again (the scores' ``Q K^T`` of step i
+    came before P), so it refills it with step ``i + stages`` at once.
+  So the scores warpgroup's ``Q K^T`` of step i + 1 and its softmax overlap the values' ``P @ V`` of step i
+  (session 11; the first version had both compute warpgroups multiply the whole ``Q K^T``, 1.5x the tensor
+  work, and a fourth warpgroup is no option: 512 threads leave 128 registers a thread, and the ``64 x 256``
+  accumulator's wgmma needs 154);
 * keys are visited as a list of ``bk``-row blocks: the ring (positions before the chunk, slot = position mod W),
   the chunk's own window rows, then the compressed rows ``c < min((pos + 1) // ratio, count)``. A block that
   would run past the end of its array starts earlier instead (``start = min(nominal, rows - bk)``) and masks the
@@ -30,7 +37,9 @@ in fp32 (a split's rounding to bf16 adds at most 2^-9 relative to its share).
 
 The GPU interpreter (``interpret=True``, CPU tests) runs no wgmma in a kernel of several warpgroups: there the two
 products are ``jnp.dot`` of the same shared-memory tiles (the copies, barriers, masks, softmax and epilogue are
-the kernel's).
+the kernel's). It runs each warpgroup as an XLA:CPU program blocking on the barriers, so XLA's CPU thread pool
+must hold all three at once: at least 3 threads (``NPROC`` before jax starts; the default is one a core, and
+:func:`compressed_attention_mgpu` refuses to start below 3 rather than wait forever).
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +62,11 @@ SMEM_BYTES = 227 << 10
 MOSAIC_RESERVED = 5 << 10
 """Shared memory Mosaic GPU adds to the kernel's own buffers (4.7 KB measured at these tiles: alignment, barriers)."""
 _LOG2E = math.log2(math.e)
+REGS_SCORES, REGS_VALUES = 152, 176
+"""Registers a thread of each warpgroup keeps (``setmaxnreg``): the value warpgroups hold a ``64 x d/2`` fp32
+accumulator (128 at d = 512). 152 + 2 x 176 = 504 of the 512 a lane of the SM's 64K leaves what the launch (168
+each) left free; a first build asking for all 512 (160 + 2 x 176) hung on the H200 (it also indexed the copies'
+halves dynamically: the cause was not isolated)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,8 +80,10 @@ class MgpuAttnConfig:
 
 
 def smem_bytes(d: int, cfg: MgpuAttnConfig) -> int:
-    """Shared memory of one program: the query tile, the key slots, the sinks and log-sum-exps, Mosaic's own."""
-    return 2 * HEADS * d + cfg.stages * cfg.bk * d * 2 + 2 * HEADS * 4 + 16 + MOSAIC_RESERVED
+    """Shared memory of one program: the query tile, the key slots, two slots of P and of the rescale factors,
+    the sinks, sums and log-sum-exps, Mosaic's own."""
+    return (2 * HEADS * d + cfg.stages * cfg.bk * d * 2 + 2 * HEADS * cfg.bk * 2 + 5 * HEADS * 4 + 16
+            + MOSAIC_RESERVED)
 
 
 def supported(h: int, d: int, cfg: MgpuAttnConfig | None = None) -> bool:
@@ -97,7 +114,7 @@ def _kernel(meta_g, sink_g, q_g, kv_g, ring_g, rows_g, o_g, lse_g, scoped, *, t:
 
     bk, stages, half = cfg.bk, cfg.stages, d // 2
     tp, wp, rp = kv_g.shape[1], ring_g.shape[1], rows_g.shape[1]  # padded to at least bk rows
-    (meta_s, sink_s, q_s, k_s, lse_s), (bars, k_bar, used_bar, done_bar) = scoped
+    (meta_s, sink_s, q_s, k_s, p_s, alpha_s, l_s, lse_s), (bars, k_bar, p_bar, pfree_bar, fin_bar) = scoped
     tk, b, s = lax.axis_index("t"), lax.axis_index("b"), lax.axis_index("s")
     wg = lax.axis_index("wg")
 
@@ -137,32 +154,22 @@ def _kernel(meta_g, sink_g, q_g, kv_g, ring_g, rows_g, o_g, lse_g, scoped, *, t:
         last = jnp.where(src == 0, wp - bk, jnp.where(src == 1, tp - bk, rp - bk))
         return src, pl.multiple_of(jnp.minimum(nominal, last), 8), nominal
 
+    def issue(i, hh):
+        """TMA of half ``hh`` of step ``i``'s key tile into its slot (by the warpgroup that reads it as V)."""
+        slot = lax.rem(i, jnp.int32(stages))
+        src, start, _ = block(i)
+
+        def copy(ref):
+            plgpu.copy_gmem_to_smem(ref.at[b, pl.ds(start, bk), pl.ds(hh * half, half)],
+                                    k_s.at[slot, hh], k_bar.at[slot * 2 + hh])
+
+        for sid, ref in ((0, ring_g), (1, kv_g), (2, rows_g)):
+            if sid < 2 or dense:
+                pl.when(src == sid)(functools.partial(copy, ref))
+
     @pl.when(wg == 2)
-    def _memory():
-        plgpu.set_max_registers(40, action="decrease")
-
-        @pl.loop(0, n)
-        def _issue(i):
-            slot = lax.rem(i, jnp.int32(stages))
-
-            @pl.when(i >= stages)
-            def _():
-                plgpu.barrier_wait(used_bar.at[slot])
-
-            src, start, _ = block(i)
-
-            def copy(ref):
-                for hh in range(2):
-                    plgpu.copy_gmem_to_smem(ref.at[b, pl.ds(start, bk), pl.ds(hh * half, half)],
-                                            k_s.at[slot, hh], k_bar.at[slot * 2 + hh])
-
-            for sid, ref in ((0, ring_g), (1, kv_g), (2, rows_g)):
-                if sid < 2 or dense:
-                    pl.when(src == sid)(functools.partial(copy, ref))
-
-    @pl.when(wg < 2)
-    def _compute():
-        plgpu.set_max_registers(232, action="increase")
+    def _scores():
+        plgpu.set_max_registers(REGS_SCORES, action="decrease")
         for j in (1, 2, 3):
             plgpu.barrier_wait(bars.at[j])
         row = plgpu.Layout.WGMMA.reduce(1)
@@ -170,12 +177,11 @@ def _kernel(meta_g, sink_g, q_g, kv_g, ring_g, rows_g, o_g, lse_g, scoped, *, t:
         ff = first.astype(jnp.float32)
         m0 = z * (_LOG2E * ff) + _NEG * (1.0 - ff)
         l0 = z * 0.0 + ff
-        acc0 = plgpu.layout_cast(jnp.zeros((HEADS, half), jnp.float32), plgpu.Layout.WGMMA)
         col = plgpu.broadcasted_iota(jnp.int32, (HEADS, bk), 1, layout=plgpu.Layout.WGMMA)
 
         def step(i, carry):
-            acc, m, l_ = carry
-            slot = lax.rem(i, jnp.int32(stages))
+            m, l_ = carry
+            slot, ps = lax.rem(i, jnp.int32(stages)), lax.rem(i, jnp.int32(2))
             plgpu.barrier_wait(k_bar.at[slot * 2])
             plgpu.barrier_wait(k_bar.at[slot * 2 + 1])
 
@@ -196,8 +202,8 @@ def _kernel(meta_g, sink_g, q_g, kv_g, ring_g, rows_g, o_g, lse_g, scoped, *, t:
                 key = start + col
                 # valid: nominal <= key <= khi and vlo <= val <= vhi, val = the key's position (ring) or index
                 is_ring = (src == 0).astype(jnp.int32)
-                ps = pos0 - w + key - r0 + jnp.where(key < r0, w, 0)  # ring slot -> position (slot = pos mod W)
-                val = key + is_ring * (ps - key)
+                ps_ = pos0 - w + key - r0 + jnp.where(key < r0, w, 0)  # ring slot -> position (slot = pos mod W)
+                val = key + is_ring * (ps_ - key)
                 vlo = jnp.where(src == 0, jnp.maximum(0, pos - w + 1), jnp.where(src == 1, tk - w + 1, 0))
                 vhi = jnp.where(src == 0, pos, jnp.where(src == 1, tk, lim - 1))
                 khi = jnp.where(src == 0, w - 1, rp + tp)
@@ -211,38 +217,63 @@ def _kernel(meta_g, sink_g, q_g, kv_g, ring_g, rows_g, o_g, lse_g, scoped, *, t:
             alpha = jnp.exp2(m - m_new)
             p = jnp.exp2(sc - lax.broadcast_in_dim(m_new, sc.shape, [0]))
             l_ = l_ * alpha + p.sum(axis=1)
+
+            @pl.when(i >= 2)
+            def _():  # both P @ V warpgroups are done with this slot's P of two steps ago
+                plgpu.barrier_wait(pfree_bar.at[ps])
+
+            p_s.at[ps][...] = p.astype(jnp.bfloat16)
+            alpha_s.at[ps][...] = alpha
+            plgpu.commit_smem()
+            plgpu.barrier_arrive(p_bar.at[ps])
+            return m_new, l_
+
+        m, l_ = lax.fori_loop(0, n, step, (m0, l0))
+        l_safe = jnp.maximum(l_, 1e-30)  # a split that saw no key: l = 0 and acc = 0
+        l_s[...] = l_safe
+        lse_s[...] = m + jnp.log2(l_safe)
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(fin_bar)  # also: this warpgroup's last read of q_s is done
+        plgpu.copy_smem_to_gmem(lse_s, lse_g.at[b, s, tk])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg < 2)
+    def _values():
+        plgpu.set_max_registers(REGS_VALUES, action="increase")
+        row = plgpu.Layout.WGMMA.reduce(1)
+        acc0 = plgpu.layout_cast(jnp.zeros((HEADS, half), jnp.float32), plgpu.Layout.WGMMA)
+        def refill(i):  # static halves: each branch copies its own
+            for hh in range(2):
+                pl.when((wg == hh) & (i < n))(functools.partial(issue, i, hh))
+
+        for j in range(stages):
+            refill(j)
+
+        def step(i, acc):
+            slot, ps = lax.rem(i, jnp.int32(stages)), lax.rem(i, jnp.int32(2))
+            plgpu.barrier_wait(k_bar.at[slot * 2 + wg])  # this warpgroup's half of the key tile (V)
+            plgpu.barrier_wait(p_bar.at[ps])
+            alpha = plgpu.load(alpha_s.at[ps], layout=row)
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            p16 = p.astype(jnp.bfloat16)
             if interpret:
-                v = jnp.where(wg == 0, k_s.at[slot, 0][...], k_s.at[slot, 1][...])
-                acc = acc + jnp.dot(p16, v, preferred_element_type=jnp.float32)
+                acc = acc + jnp.dot(p_s.at[ps][...], k_s.at[slot, wg][...], preferred_element_type=jnp.float32)
             else:
                 def pv(acc_ref):
-                    plgpu.wgmma(acc_ref, p16, k_s.at[slot, wg])
+                    plgpu.wgmma(acc_ref, p_s.at[ps], k_s.at[slot, wg])
                     plgpu.wgmma_wait(0)
 
                 acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-            plgpu.barrier_arrive(used_bar.at[slot])
-            return acc, m_new, l_
+            plgpu.barrier_arrive(pfree_bar.at[ps])
+            # this half of the slot is free (the scores warpgroup's Q K^T of step i came before P): refill it
+            refill(i + stages)
+            return acc
 
-        acc, m, l_ = lax.fori_loop(0, n, step, (acc0, m0, l0))
-        l_safe = jnp.maximum(l_, 1e-30)  # a split that saw no key: l = 0 and acc = 0
-        o = acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])
-        plgpu.barrier_arrive(done_bar)  # both warpgroups are past their last read of q_s
-        plgpu.barrier_wait(done_bar)
+        acc = lax.fori_loop(0, n, step, acc0)
+        plgpu.barrier_wait(fin_bar)
+        o = acc * lax.broadcast_in_dim(1.0 / plgpu.load(l_s, layout=row), acc.shape, [0])
         q_s.at[wg][...] = o.astype(jnp.bfloat16)
-
-        @pl.when(wg == 0)
-        def _():
-            lse_s[...] = m + jnp.log2(l_safe)
-
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(q_s.at[wg], o_g.at[b, s, tk, :, pl.ds(pl.multiple_of(wg * half, 64), half)])
-
-        @pl.when(wg == 0)
-        def _():
-            plgpu.copy_smem_to_gmem(lse_s, lse_g.at[b, s, tk])
-
         plgpu.wait_smem_to_gmem(0)
 
 
@@ -276,9 +307,11 @@ def _call(q, kv, ring, pos0, sink, rows, count, *, ratio: int, cfg: MgpuAttnConf
         scratch = [plgpu.SMEM((1, 4), jnp.int32), plgpu.SMEM((HEADS,), jnp.float32),
                    plgpu.SMEM((2, HEADS, half), jnp.bfloat16, transforms=ttile),
                    plgpu.SMEM((cfg.stages, 2, bk, half), jnp.bfloat16, transforms=ttile),
+                   plgpu.SMEM((2, HEADS, bk), jnp.bfloat16, transforms=smem_transforms(bk, 16)),
+                   plgpu.SMEM((2, HEADS), jnp.float32), plgpu.SMEM((HEADS,), jnp.float32),
                    plgpu.SMEM((HEADS,), jnp.float32)]
-        barriers = (plgpu.Barrier(num_barriers=4), plgpu.Barrier(num_barriers=2 * cfg.stages),
-                    plgpu.Barrier(num_arrivals=2, num_barriers=cfg.stages), plgpu.Barrier(num_arrivals=2))
+        barriers = (plgpu.Barrier(num_barriers=4), plgpu.Barrier(num_barriers=2 * cfg.stages), plgpu.Barrier(num_barriers=2),
+                    plgpu.Barrier(num_arrivals=2, num_barriers=2), plgpu.Barrier())
         pl.run_scoped(lambda *a: kernel(meta_g, sink_g, q_g, kv_g, ring_g, rows_g, o_g, lse_g, a), scratch,
                       barriers, collective_axes="wg")
 
@@ -297,6 +330,15 @@ def _call(q, kv, ring, pos0, sink, rows, count, *, ratio: int, cfg: MgpuAttnConf
             / jnp.sum(wgt, axis=1)[..., None]).astype(jnp.bfloat16)
 
 
+def interpreter_threads() -> int:
+    """Threads of XLA's CPU pool, which runs the interpreter's warpgroups: ``NPROC`` if set, else the CPUs this
+    process may use."""
+    n = os.environ.get("NPROC", "")
+    if n.strip().isdigit():
+        return int(n)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def compressed_attention_mgpu(q: jax.Array, kv: jax.Array, ring: jax.Array, pos0: jax.Array, sink: jax.Array,
                               rows: jax.Array | None = None, *, ratio: int = 1, count: jax.Array | None = None,
                               config: MgpuAttnConfig | None = None, interpret: bool = False) -> jax.Array:
@@ -306,6 +348,10 @@ def compressed_attention_mgpu(q: jax.Array, kv: jax.Array, ring: jax.Array, pos0
     b, t, h, d = q.shape
     r = 0 if rows is None else rows.shape[1]
     cfg = config or default_config(t, r, b, d)
+    if interpret and (threads := interpreter_threads()) < 3:
+        raise RuntimeError(f"Mosaic GPU's interpreter runs this kernel's 3 warpgroups as concurrent XLA:CPU "
+                           f"programs, but XLA's CPU thread pool has {threads}; set NPROC=4 (or more) in the "
+                           "environment before jax starts")
     if not supported(h, d, cfg):
         raise ValueError(f"compressed_attention_mgpu takes 64 heads and d a multiple of 128 up to 512 within "
                          f"{SMEM_BYTES} bytes of shared memory; got H={h}, d={d}, {cfg}")

@@ -5,6 +5,10 @@ import sys
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The tiny models compile many small programs; XLA's backend optimisations cost more than they save here.
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+# Mosaic GPU's interpreter runs each warpgroup of a kernel as an XLA:CPU program whose callbacks block on the
+# kernel's barriers, so XLA's CPU thread pool (NPROC threads, default one a core) must hold every warpgroup of a
+# kernel at once: on a 2-core machine the 3-warpgroup attention kernel otherwise waits forever.
+os.environ.setdefault("NPROC", str(max(4, os.cpu_count() or 1)))
 sys.path.insert(0, os.path.dirname(__file__))
 
 import jax

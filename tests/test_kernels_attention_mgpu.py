@@ -91,6 +91,12 @@ def test_shapes_and_dispatch_policy(monkeypatch):
     assert not CA.use_mgpu(1, 4096, 16, 512, dense=True)
     monkeypatch.setattr(CM, "available", lambda: False)
     assert not CA.use_mgpu(1, 4096, 64, 512, dense=True)
+    # the interpreter needs a CPU thread for each of the kernel's 3 warpgroups: refused, not a hang
+    monkeypatch.setenv("NPROC", "2")
+    assert CM.interpreter_threads() == 2
+    q, kv, ring, rows, sink = _inputs(rng(3), 1, 2, 128, 8, 4)
+    with pytest.raises(RuntimeError, match="NPROC"):
+        CM.compressed_attention_mgpu(q, kv, ring, jnp.asarray([5]), sink, rows, ratio=4, interpret=True)
 
 
 @pytest.mark.parametrize("b,t,n_rows,d", [(1, 256, 1024, 512), (4, 1, 8192, 512), (2, 1, 0, 512), (1, 100, 30, 384)])
