@@ -202,8 +202,8 @@ def _kernel(meta_g, sink_g, q_g, kv_g, ring_g, rows_g, o_g, lse_g, scoped, *, t:
                 key = start + col
                 # valid: nominal <= key <= khi and vlo <= val <= vhi, val = the key's position (ring) or index
                 is_ring = (src == 0).astype(jnp.int32)
-                ps_ = pos0 - w + key - r0 + jnp.where(key < r0, w, 0)  # ring slot -> position (slot = pos mod W)
-                val = key + is_ring * (ps_ - key)
+                kpos = pos0 - w + key - r0 + jnp.where(key < r0, w, 0)  # ring slot -> position (slot = pos mod W)
+                val = key + is_ring * (kpos - key)
                 vlo = jnp.where(src == 0, jnp.maximum(0, pos - w + 1), jnp.where(src == 1, tk - w + 1, 0))
                 vhi = jnp.where(src == 0, pos, jnp.where(src == 1, tk, lim - 1))
                 khi = jnp.where(src == 0, w - 1, rp + tp)
@@ -242,7 +242,8 @@ def _kernel(meta_g, sink_g, q_g, kv_g, ring_g, rows_g, o_g, lse_g, scoped, *, t:
         plgpu.set_max_registers(REGS_VALUES, action="increase")
         row = plgpu.Layout.WGMMA.reduce(1)
         acc0 = plgpu.layout_cast(jnp.zeros((HEADS, half), jnp.float32), plgpu.Layout.WGMMA)
-        def refill(i):  # static halves: each branch copies its own
+
+        def refill(i):  # step i's copy of this warpgroup's half (a static half in each branch)
             for hh in range(2):
                 pl.when((wg == hh) & (i < n))(functools.partial(issue, i, hh))
 
@@ -310,8 +311,9 @@ def _call(q, kv, ring, pos0, sink, rows, count, *, ratio: int, cfg: MgpuAttnConf
                    plgpu.SMEM((2, HEADS, bk), jnp.bfloat16, transforms=smem_transforms(bk, 16)),
                    plgpu.SMEM((2, HEADS), jnp.float32), plgpu.SMEM((HEADS,), jnp.float32),
                    plgpu.SMEM((HEADS,), jnp.float32)]
-        barriers = (plgpu.Barrier(num_barriers=4), plgpu.Barrier(num_barriers=2 * cfg.stages), plgpu.Barrier(num_barriers=2),
-                    plgpu.Barrier(num_arrivals=2, num_barriers=2), plgpu.Barrier())
+        # first copies, key halves landed, P published, P slot free (both value warpgroups), final sums written
+        barriers = (plgpu.Barrier(num_barriers=4), plgpu.Barrier(num_barriers=2 * cfg.stages),
+                    plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_arrivals=2, num_barriers=2), plgpu.Barrier())
         pl.run_scoped(lambda *a: kernel(meta_g, sink_g, q_g, kv_g, ring_g, rows_g, o_g, lse_g, a), scratch,
                       barriers, collective_axes="wg")
 
