@@ -62,6 +62,8 @@ SMEM_BYTES = 227 << 10
 MOSAIC_RESERVED = 5 << 10
 """Shared memory Mosaic GPU adds to the kernel's own buffers (4.7 KB measured at these tiles: alignment, barriers)."""
 _LOG2E = math.log2(math.e)
+WARPGROUPS = 3
+"""Warpgroups of a program: the scores one and two value ones."""
 REGS_SCORES, REGS_VALUES = 152, 176
 """Registers a thread of each warpgroup keeps (``setmaxnreg``): the value warpgroups hold a ``64 x d/2`` fp32
 accumulator (128 at d = 512). 152 + 2 x 176 = 504 of the 512 a lane of the SM's 64K leaves what the launch (168
@@ -321,7 +323,7 @@ def _call(q, kv, ring, pos0, sink, rows, count, *, ratio: int, cfg: MgpuAttnConf
     o, lse = plgpu.kernel(
         entry, out_type=(jax.ShapeDtypeStruct((b, splits, t, HEADS, d), jnp.bfloat16),
                          jax.ShapeDtypeStruct((b, splits, t, HEADS), jnp.float32)),
-        grid=(splits, b, t), grid_names=("s", "b", "t"), num_threads=3, thread_name="wg",  # the last is CUDA's x
+        grid=(splits, b, t), grid_names=("s", "b", "t"), num_threads=WARPGROUPS, thread_name="wg",  # the last is CUDA's x
         compiler_params=plgpu.CompilerParams(approx_math=True), **kw,
     )(meta, sink.astype(jnp.float32), q.astype(jnp.bfloat16), kv, ring, rows)
     if splits == 1:
@@ -350,8 +352,8 @@ def compressed_attention_mgpu(q: jax.Array, kv: jax.Array, ring: jax.Array, pos0
     b, t, h, d = q.shape
     r = 0 if rows is None else rows.shape[1]
     cfg = config or default_config(t, r, b, d)
-    if interpret and (threads := interpreter_threads()) < 3:
-        raise RuntimeError(f"Mosaic GPU's interpreter runs this kernel's 3 warpgroups as concurrent XLA:CPU "
+    if interpret and (threads := interpreter_threads()) < WARPGROUPS:
+        raise RuntimeError(f"Mosaic GPU's interpreter runs this kernel's {WARPGROUPS} warpgroups as concurrent XLA:CPU "
                            f"programs, but XLA's CPU thread pool has {threads}; set NPROC=4 (or more) in the "
                            "environment before jax starts")
     if not supported(h, d, cfg):

@@ -296,6 +296,7 @@ def sweep_decode(key, bw: float, b: int, contexts: list[int]):
                 print(f"| {kind} | {bm} | {nw} | {splits}{tag} | {us:.1f} | {us * 1e-6 / floor:.1f} |", flush=True)
                 del args
 
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", default="1,32", help="decode batch sizes")
