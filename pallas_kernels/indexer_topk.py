@@ -184,17 +184,39 @@ def _count_kernel(s_ref, lim_ref, *refs, r: int, top_k: int, shift: int, n_c: in
     n, c = pl.program_id(0), pl.program_id(1)
     nc = 1 << cfg.bits
     tau = _radix_state(n, prev_refs, top_k, cfg.bits, n_c)[0] if prev_refs else jnp.int32(0)
-    cand = tau + (jax.lax.broadcasted_iota(jnp.int32, (nc,), 0) << shift)
     lim = jnp.minimum(lim_ref[n], r)  # columns past it are -inf: not read
 
-    def body(i, cnt):
-        off = c * cfg.chunk + i * cfg.bs
-        col = off + jax.lax.broadcasted_iota(jnp.int32, (cfg.bs,), 0)
-        kk = _keys(plt.load(s_ref.at[n, pl.ds(off, cfg.bs)], mask=col < lim, other=-jnp.inf), col < lim)
-        return cnt + jnp.sum((kk[None, :] >= cand[:, None]).astype(jnp.int32), axis=1)
+    nl, per = _lanes(cfg)
+    lane = jax.lax.broadcasted_iota(jnp.int32, (nl,), 0)
+    words = max(1, nc // 4)
 
-    cnt = jax.lax.fori_loop(0, _blocks(lim, c, cfg), body, jnp.zeros((nc,), jnp.int32))
-    o_ref[n, c, :] = cnt
+    def body(i, acc):
+        # A histogram of the keys' next digit (keys above the digit's range in the top bin, keys below tau in
+        # none) in each thread's registers: 8-bit bins packed four to an int32, summed across the threads once
+        # at the end. (Comparing each key with every candidate and summing across the block every step costs
+        # ~4 instructions per key and candidate, a warp reduction per candidate and a barrier.)
+        for a in range(per):
+            off = c * cfg.chunk + i * cfg.bs + a * nl
+            kk = _keys(plt.load(s_ref.at[n, pl.ds(off, nl)], mask=off + lane < lim, other=-jnp.inf),
+                       off + lane < lim)
+            e = jnp.minimum((kk - tau) >> shift, nc - 1)  # < 0 below tau (and for -1, no key)
+            inc = 1 << ((e & 3) << 3)
+            acc = tuple(x + jnp.where(e >> 2 == k, inc, 0) for k, x in enumerate(acc))
+        return acc
+
+    acc = jax.lax.fori_loop(0, _blocks(lim, c, cfg), body, (jnp.zeros((nl,), jnp.int32),) * words)
+    row = jax.lax.broadcasted_iota(jnp.int32, (nc, nl), 0)
+    packed = sum(jnp.where(row >> 2 == k, x[None, :], 0) for k, x in enumerate(acc))
+    hist = jnp.sum((packed >> ((row & 3) << 3)) & 0xFF, axis=1)
+    j = jax.lax.broadcasted_iota(jnp.int32, (nc, nc), 0)
+    o_ref[n, c, :] = jnp.sum(jnp.where(jax.lax.broadcasted_iota(jnp.int32, (nc, nc), 1) >= j, hist[None, :], 0),
+                             axis=1)  # keys >= each candidate
+
+
+def _lanes(cfg: IndexConfig) -> tuple[int, int]:
+    """A block of ``bs`` scores as ``[lanes, per lane]``: one row per thread where the block allows."""
+    nl = min(cfg.bs, 32 * cfg.num_warps)
+    return nl, cfg.bs // nl
 
 
 def _blocks(lim, c, cfg: IndexConfig):
@@ -251,6 +273,9 @@ def topk_indices(scores: jax.Array, limit: jax.Array | None = None, *, top_k: in
     n, r = scores.shape
     if 16 % cfg.bits or cfg.chunk % cfg.bs:
         raise ValueError(f"bits={cfg.bits} must divide 16 and bs={cfg.bs} the chunk {cfg.chunk}")
+    if cfg.chunk // _lanes(cfg)[0] > 255:
+        raise ValueError(f"chunk={cfg.chunk} over {_lanes(cfg)[0]} lanes: more than 255 scores a lane overflow "
+                         "the count passes' 8-bit bins")
     scores = scores.astype(jnp.bfloat16)
     limit = jnp.full((n,), r, jnp.int32) if limit is None else jnp.asarray(limit, jnp.int32).reshape(n)
     n_c = pl.cdiv(r, cfg.chunk)

@@ -11,7 +11,7 @@ tokens or more: ``compressed_attention.use_mgpu``), the Pallas-Triton kernel is 
 first times a few tile choices of each kernel. Prints markdown tables.
 
     PYTHONPATH=. python scripts/bench_attention.py [--batch 1,32] [--decode 8192,131072,1048576]
-        [--prefill 8192,32768,131072] [--reference-max 8192] [--sweep] [--sweep-decode B] [--sweep-indexer] [--sweep-prefill]
+        [--prefill 8192,32768,131072] [--reference-max 8192] [--kinds SWA,CSA,HCA] [--sweep] [--sweep-decode B] [--sweep-indexer] [--sweep-prefill]
 """
 
 from __future__ import annotations
@@ -302,6 +302,7 @@ def main():
     ap.add_argument("--batch", default="1,32", help="decode batch sizes")
     ap.add_argument("--decode", default="8192,131072,1048576")
     ap.add_argument("--prefill", default="8192,32768,131072")
+    ap.add_argument("--kinds", default="SWA,CSA,HCA", help="layer types to time")
     ap.add_argument("--reference-max", type=int, default=8192, help="longest prefill run through the reference")
     ap.add_argument("--sweep", action="store_true", help="time a few tile choices first")
     ap.add_argument("--sweep-decode", type=int, default=0, metavar="B",
@@ -325,10 +326,11 @@ def main():
     if args.sweep:
         sweep(key, mm, bw)
     batches = [int(c) for c in args.batch.split(",") if c]
-    decode(key, batches[0], args.decode, bw, reference=True)
-    prefill(key, args.prefill, args.reference_max, mm)
+    kinds = [k for k in ("SWA", "CSA", "HCA") if k in args.kinds.split(",")]
+    decode(key, batches[0], args.decode, bw, kinds, reference=True)
+    prefill(key, args.prefill, args.reference_max, mm, kinds)
     for b in batches[1:]:
-        decode(key, b, args.decode, bw, reference=False)
+        decode(key, b, args.decode, bw, kinds, reference=False)
 
 
 def _triton(kind: str, b: int, t: int, argsets, scale: float = 1e3, digits: int = 1) -> str:
@@ -342,13 +344,13 @@ def _triton(kind: str, b: int, t: int, argsets, scale: float = 1e3, digits: int 
     return _fmt(k or wall, scale, digits)
 
 
-def decode(key, b: int, contexts: str, bw: float, reference: bool):
+def decode(key, b: int, contexts: str, bw: float, kinds: list[str], reference: bool):
     print(f"\n## Decode, batch {b}, one layer (µs per step)\n\n| layer | cached | kernel | wall | floor | "
           "x floor | TB/s | Triton kernel | reference wall | peak GiB |\n|---|---|---|---|---|---|---|---|---|---|",
           flush=True)
     per_layer_1m = {}
     for ctx in [int(c) for c in contexts.split(",") if c]:
-        for kind in ("SWA", "CSA", "HCA"):
+        for kind in kinds:
             a = inputs(key, b, 1, ctx // 128 if kind == "HCA" else ctx // 4, ctx // 4 if kind == "CSA" else 1)
             pos0 = jnp.full((b,), ctx - 1, jnp.int32)
             argsets = copies((*a, pos0), cap=4)
@@ -379,12 +381,12 @@ def decode(key, b: int, contexts: str, bw: float, reference: bool):
               f"{kern / b:.3f} / {wall / b:.3f} ms)", flush=True)
 
 
-def prefill(key, lengths: str, reference_max: int, mm: float):
+def prefill(key, lengths: str, reference_max: int, mm: float, kinds: list[str]):
     print("\n## Prefill from position 0, batch 1, one layer\n\n| layer | tokens | kernel ms | wall ms | TFLOP/s | "
           "% of matmul | Triton kernel ms | reference ms | peak GiB |\n|---|---|---|---|---|---|---|---|---|",
           flush=True)
     for t in [int(c) for c in lengths.split(",") if c]:
-        for kind in ("SWA", "HCA", "CSA"):
+        for kind in sorted(kinds, key=("SWA", "HCA", "CSA").index):
             a = inputs(key, 1, t, t // 128 if kind == "HCA" else t // 4, t // 4 if kind == "CSA" else 1)
             pos0 = jnp.zeros((1,), jnp.int32)
             try:
