@@ -178,6 +178,17 @@ def test_topk_indices_equal_lax_top_k_interpret(k, bits, limited):
     assert bool(jnp.all(idx == IX.mask_to_indices(select(s[:, None], positions, 4, k)[:, 0], k)))
 
 
+def test_topk_counts_many_equal_keys_per_lane_interpret():
+    """The count passes keep 8-bit bins per lane: 128 equal keys a lane (the most a power-of-two chunk allows)
+    are counted exactly, and a chunk that would put more than 255 keys on a lane is refused."""
+    s = jnp.full((2, 2048), 1.5, jnp.float32).at[1, 700].set(2.0).at[1, 1900].set(-jnp.inf)
+    cfg = IX.IndexConfig(chunk=2048, bs=16)  # 16 lanes, 128 keys each
+    idx = IX.topk_indices(s, top_k=6, cfg=cfg, interpret=True)
+    assert idx.tolist() == [[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 700]]
+    with pytest.raises(ValueError, match="255"):
+        IX.topk_indices(s, top_k=6, cfg=IX.IndexConfig(chunk=4096, bs=8))
+
+
 def test_indices_mask_round_trip():
     m = jnp.asarray(rng(0).random((3, 4, 50)) < 0.3)
     idx = IX.mask_to_indices(m, 50)
