@@ -237,7 +237,7 @@ def _kernel(meta_g, sink_g, q_g, kv_g, ring_g, rows_g, o_g, lse_g, scoped, *, t:
         plgpu.commit_smem()
         plgpu.barrier_arrive(fin_bar)  # also: this warpgroup's last read of q_s is done
         plgpu.copy_smem_to_gmem(lse_s, lse_g.at[b, s, tk])
-        plgpu.wait_smem_to_gmem(0)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the program may end once shared memory is read
 
     @pl.when(wg < 2)
     def _values():
@@ -277,7 +277,7 @@ def _kernel(meta_g, sink_g, q_g, kv_g, ring_g, rows_g, o_g, lse_g, scoped, *, t:
         q_s.at[wg][...] = o.astype(jnp.bfloat16)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(q_s.at[wg], o_g.at[b, s, tk, :, pl.ds(pl.multiple_of(wg * half, 64), half)])
-        plgpu.wait_smem_to_gmem(0)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
 @functools.partial(jax.jit, static_argnames=("ratio", "cfg", "interpret", "scale"))
