@@ -10,13 +10,14 @@ on the matmul's N axis, so the weighted head sum stays inside each thread and it
 Selection (exact, ties to the lower row index as ``lax.top_k``): bf16 scores map to 16-bit keys whose integer
 order is the float total order (-inf and padding: key -1, never counted). A radix search finds the k-th largest
 key ``tau`` ``bits`` bits per pass: each pass counts, per chunk of the row, the keys ``>=`` each of its
-``2^bits`` candidate thresholds; every program of the next pass first derives ``tau`` so far from the
-previous passes' counts (a few hundred integers), so no XLA step runs between passes. The counts also give,
-per chunk, the keys above ``tau`` and the ties with it (``count(>= tau + 1)`` is a candidate of the last pass
-whose digit is not all ones), so a last pass writes the selected row indices, ascending, straight to their
-slots: keys above ``tau`` and ties in index order (in-block cumulative sums, chunk offsets from prefix sums of
-the counts). ``16 / bits + 1`` launches over the bf16 scores, no sort, no mask; a row's columns past its
-eligible count (the causal tail of a prefill) are not read.
+``2^bits`` candidate thresholds (each thread histograms its keys' next digit in registers, 8-bit bins packed
+four to an int32, summed across the threads once a chunk); every program of the next pass first derives
+``tau`` so far from the previous passes' counts (a few hundred integers), so no XLA step runs between passes.
+The counts also give, per chunk, the keys above ``tau`` and the ties with it (``count(>= tau + 1)`` is a
+candidate of the last pass whose digit is not all ones), so a last pass writes the selected row indices,
+ascending, straight to their slots: keys above ``tau`` and ties in index order (in-block cumulative sums, chunk
+offsets from prefix sums of the counts). ``16 / bits + 1`` launches over the bf16 scores, no sort, no mask; a
+row's columns past its eligible count (the causal tail of a prefill) are not read.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ tokens or more: ``compressed_attention.use_mgpu``), the Pallas-Triton kernel is 
 first times a few tile choices of each kernel. Prints markdown tables.
 
     PYTHONPATH=. python scripts/bench_attention.py [--batch 1,32] [--decode 8192,131072,1048576]
-        [--prefill 8192,32768,131072] [--reference-max 8192] [--kinds SWA,CSA,HCA] [--sweep] [--sweep-decode B] [--sweep-indexer] [--sweep-prefill]
+        [--prefill 8192,32768,131072] [--reference-max 8192] [--kinds SWA,CSA,HCA] [--sweep] [--sweep-decode B]
+        [--sweep-indexer] [--sweep-prefill]
 """
 
 from __future__ import annotations
