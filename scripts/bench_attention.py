@@ -311,6 +311,8 @@ def main():
     ap.add_argument("--sweep-indexer", action="store_true", help="only time the indexer's tile choices")
     ap.add_argument("--sweep-prefill", action="store_true", help="only time the prefill attention's tile choices")
     args = ap.parse_args()
+    if unknown := set(args.kinds.split(",")) - set(LAYERS):
+        ap.error(f"--kinds: unknown layer types {sorted(unknown)} (SWA, CSA, HCA)")
     bw, mm = ceilings()
     print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}; measured ceilings: HBM read {bw:.2f} TB/s, "
           f"bf16 matmul {mm:.0f} TFLOP/s; CUPTI {'on' if extension() else 'off (wall times)'}", flush=True)
