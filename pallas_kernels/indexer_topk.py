@@ -198,8 +198,8 @@ def _count_kernel(s_ref, lim_ref, *refs, r: int, top_k: int, shift: int, n_c: in
         # ~4 instructions per key and candidate, a warp reduction per candidate and a barrier.)
         for a in range(per):
             off = c * cfg.chunk + i * cfg.bs + a * nl
-            kk = _keys(plt.load(s_ref.at[n, pl.ds(off, nl)], mask=off + lane < lim, other=-jnp.inf),
-                       off + lane < lim)
+            ok = off + lane < lim
+            kk = _keys(plt.load(s_ref.at[n, pl.ds(off, nl)], mask=ok, other=-jnp.inf), ok)
             e = jnp.minimum((kk - tau) >> shift, nc - 1)  # < 0 below tau (and for -1, no key)
             inc = 1 << ((e & 3) << 3)
             acc = tuple(x + jnp.where(e >> 2 == k, inc, 0) for k, x in enumerate(acc))
@@ -209,9 +209,8 @@ def _count_kernel(s_ref, lim_ref, *refs, r: int, top_k: int, shift: int, n_c: in
     row = jax.lax.broadcasted_iota(jnp.int32, (nc, nl), 0)
     packed = sum(jnp.where(row >> 2 == k, x[None, :], 0) for k, x in enumerate(acc))
     hist = jnp.sum((packed >> ((row & 3) << 3)) & 0xFF, axis=1)
-    j = jax.lax.broadcasted_iota(jnp.int32, (nc, nc), 0)
-    o_ref[n, c, :] = jnp.sum(jnp.where(jax.lax.broadcasted_iota(jnp.int32, (nc, nc), 1) >= j, hist[None, :], 0),
-                             axis=1)  # keys >= each candidate
+    cand, bins = jax.lax.broadcasted_iota(jnp.int32, (nc, nc), 0), jax.lax.broadcasted_iota(jnp.int32, (nc, nc), 1)
+    o_ref[n, c, :] = jnp.sum(jnp.where(bins >= cand, hist[None, :], 0), axis=1)  # keys >= each candidate
 
 
 def _lanes(cfg: IndexConfig) -> tuple[int, int]:
