@@ -273,9 +273,9 @@ def topk_indices(scores: jax.Array, limit: jax.Array | None = None, *, top_k: in
     n, r = scores.shape
     if 16 % cfg.bits or cfg.chunk % cfg.bs:
         raise ValueError(f"bits={cfg.bits} must divide 16 and bs={cfg.bs} the chunk {cfg.chunk}")
-    if cfg.chunk // _lanes(cfg)[0] > 255:
-        raise ValueError(f"chunk={cfg.chunk} over {_lanes(cfg)[0]} lanes: more than 255 scores a lane overflow "
-                         "the count passes' 8-bit bins")
+    if cfg.chunk // (lanes := _lanes(cfg)[0]) > 255:
+        raise ValueError(f"chunk={cfg.chunk} over {lanes} lanes: more than 255 scores a lane overflow the count "
+                         "passes' 8-bit bins")
     scores = scores.astype(jnp.bfloat16)
     limit = jnp.full((n,), r, jnp.int32) if limit is None else jnp.asarray(limit, jnp.int32).reshape(n)
     n_c = pl.cdiv(r, cfg.chunk)

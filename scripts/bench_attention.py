@@ -311,8 +311,10 @@ def main():
     ap.add_argument("--sweep-indexer", action="store_true", help="only time the indexer's tile choices")
     ap.add_argument("--sweep-prefill", action="store_true", help="only time the prefill attention's tile choices")
     args = ap.parse_args()
-    if unknown := set(args.kinds.split(",")) - set(LAYERS):
+    wanted = args.kinds.split(",")
+    if unknown := set(wanted) - set(LAYERS):
         ap.error(f"--kinds: unknown layer types {sorted(unknown)} (SWA, CSA, HCA)")
+    kinds = [k for k in LAYERS if k in wanted]
     bw, mm = ceilings()
     print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}; measured ceilings: HBM read {bw:.2f} TB/s, "
           f"bf16 matmul {mm:.0f} TFLOP/s; CUPTI {'on' if extension() else 'off (wall times)'}", flush=True)
@@ -329,7 +331,6 @@ def main():
     if args.sweep:
         sweep(key, mm, bw)
     batches = [int(c) for c in args.batch.split(",") if c]
-    kinds = [k for k in ("SWA", "CSA", "HCA") if k in args.kinds.split(",")]
     decode(key, batches[0], args.decode, bw, kinds, reference=True)
     prefill(key, args.prefill, args.reference_max, mm, kinds)
     for b in batches[1:]:
