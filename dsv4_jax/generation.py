@@ -268,8 +268,10 @@ def generate_stream(model: Model, prompts, params: SamplingParams | None = None,
     key, sub = jax.random.split(key)
     nxt = np.asarray(sample(logits, sub, params))
     yield record(nxt)
-    # Ids the model cannot sample never match; dropping them keeps the array int32.
-    stop_ids = jnp.asarray(sorted(i for i in stopper.stop_ids if i < model.config.vocab_size), jnp.int32)
+    # Ids the model cannot sample never match; dropping them keeps the array int32. Padded with -1 (never
+    # sampled) to a power of two of at least 8, so other stop tokens reuse the compiled decoding loop.
+    ids = sorted(i for i in stopper.stop_ids if i < model.config.vocab_size)
+    stop_ids = jnp.asarray(ids + [-1] * (max(8, 1 << max(len(ids) - 1, 0).bit_length()) - len(ids)), jnp.int32)
     *opts, greedy = sampling_args(params)
     state = (jnp.asarray(np.where(done, 0, nxt).astype(np.int32)), key, jnp.asarray(done))
     unlaunched = params.max_new_tokens - 1

@@ -194,15 +194,17 @@ def hidden_streams(model: Model, tokens) -> list[jax.Array]:
 
 
 @jax.jit
-def _forward_mtp(model: Model, tokens: jax.Array) -> jax.Array:
+def _forward_mtp(model: Model, tokens: jax.Array) -> list[jax.Array]:
     c, p = model.config, model.params
-    h = _streams(model, tokens)[-1][:, :-1]  # h_i, i = 0..T-2
-    nxt = tokens[:, 1:]  # tok_{i+1}
-    b, t = nxt.shape
-    pos0, n = jnp.zeros((b,), jnp.int32), jnp.full((b,), t, jnp.int32)
+    h = _streams(model, tokens)[-1]
+    b = tokens.shape[0]
+    pos0 = jnp.zeros((b,), jnp.int32)
     window = LayerCache(window=jnp.zeros((b, c.sliding_window, c.head_dim), model.dtype))
     logits = []
-    for j, m in enumerate(p.mtp):
+    for j, m in enumerate(p.mtp):  # depth j: streams h_i of depth j - 1 with Emb(tok_{i+j+1}), i = 0..T-2-j
+        nxt = tokens[:, j + 1:]
+        h = h[:, :nxt.shape[1]]
+        n = jnp.full((b,), nxt.shape[1], jnp.int32)
         e = rms_norm(p.embed[nxt].astype(model.dtype), m.enorm, c.rms_norm_eps)
         hh = rms_norm(h, m.hnorm, c.rms_norm_eps)
         x = (kernels.linear(e, m.e_proj, model.dtype, jnp.float32)[:, :, None, :]
@@ -210,20 +212,22 @@ def _forward_mtp(model: Model, tokens: jax.Array) -> jax.Array:
         x, _ = block(m.block, x, nxt, window, pos0, n, c.num_hidden_layers + j, model)
         logits.append(_head(model, x, m.hc_head_fn, m.hc_head_scale, m.hc_head_base, m.norm))
         h = x
-    return jnp.stack(logits)
+    return logits
 
 
-def forward_mtp(model: Model, tokens) -> jax.Array:
+def forward_mtp(model: Model, tokens) -> jax.Array | tuple[jax.Array, ...]:
     """Logits of the MTP head (§9.2): ``tokens int32 [B, T]`` -> ``float32 [B, T-1, V]``.
 
     Row i combines the main model's final streams at position i with the embedding of ``tokens[:, i+1]``
-    and predicts token i+2; the MTP block's attention sees positions 0..T-2. With several MTP layers the
-    result is ``[n_mtp, B, T-1, V]``, layer j feeding on layer j-1's streams."""
+    and predicts token i+2; the MTP block's attention sees positions 0..T-2. The spec (and Flash) has one MTP
+    layer. With several, depth j (0-based) follows DeepSeek-V3's sequential MTP: row i combines depth j-1's
+    output streams at position i with the embedding of ``tokens[:, i+j+1]`` and predicts token i+j+2; the result
+    is a tuple with one ``[B, T-1-j, V]`` array per depth."""
     tokens = _check_tokens(model, tokens)
     n = model.config.num_nextn_predict_layers
     if n == 0:
         raise ValueError("this configuration has no MTP layer (num_nextn_predict_layers = 0)")
-    if tokens.shape[1] < 2:
-        raise ValueError("forward_mtp needs at least 2 tokens")
+    if tokens.shape[1] < n + 1:
+        raise ValueError(f"forward_mtp with {n} MTP layer(s) needs at least {n + 1} tokens; got {tokens.shape[1]}")
     out = _forward_mtp(model, tokens)
-    return out[0] if n == 1 else out
+    return out[0] if n == 1 else tuple(out)

@@ -121,6 +121,18 @@ def compressed_attention_reference(q: jax.Array, kv: jax.Array, ring: jax.Array,
     return attend(q, win, win_mask, rows, row_mask, sink, dtype)
 
 
+def split_blocks(s: jax.Array, splits: int, blocks: int, extra: int) -> tuple[jax.Array, jax.Array]:
+    """Key blocks ``[lo, hi)`` of split ``s`` of ``splits`` over ``blocks``, where split 0 also walks ``extra``
+    window blocks (decode: the ring's and the token's own): every split gets about as many steps."""
+    per = -(-(blocks + extra) // splits)
+    return jnp.maximum(0, s * per - extra), (s + 1) * per - extra
+
+
+def window_blocks(t: int, w: int, bk: int, splits: int) -> int:
+    """The window blocks a decode step's split 0 walks besides its rows (0: no split, or not a decode step)."""
+    return -(-w // bk) + 1 if t == 1 and splits > 1 else 0
+
+
 def _dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:
     return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
@@ -188,9 +200,8 @@ def _kernel(pos0_ref, cnt_ref, sink_ref, q_ref, kv_ref, ring_ref, rows_ref, idx_
     if mode == "dense":  # rows in order, up to the last one a token of the block may see
         lim = jnp.minimum((pos + 1) // ratio, cnt)  # [bm]
         lim_max = jnp.minimum(jnp.minimum((pos0 + t_max + 1) // ratio, cnt), r)
-        per = pl.cdiv(pl.cdiv(r, bk), cfg.splits)
-        lo = s * per
-        hi = jnp.minimum(lo + per, pl.cdiv(lim_max, bk))
+        lo, hi = split_blocks(s, cfg.splits, pl.cdiv(r, bk), window_blocks(t, w, bk, cfg.splits))
+        hi = jnp.minimum(hi, pl.cdiv(lim_max, bk))
 
         def row_step(kb, carry):
             c = kb * bk + jax.lax.broadcasted_iota(jnp.int32, (bk,), 0)
@@ -203,9 +214,8 @@ def _kernel(pos0_ref, cnt_ref, sink_ref, q_ref, kv_ref, ring_ref, rows_ref, idx_
     if mode == "sparse":  # each token's selected rows, gathered: bks indices of each of the bt tokens per step
         bks = max(16, bk // bt)
         lim_max = jnp.minimum(jnp.minimum((pos0 + t_max + 1) // ratio, cnt), r)
-        per = pl.cdiv(pl.cdiv(k, bks), cfg.splits)
-        lo = s * per
-        hi = jnp.minimum(lo + per, pl.cdiv(jnp.minimum(lim_max, k), bks))  # at most lim rows are selected
+        lo, hi = split_blocks(s, cfg.splits, pl.cdiv(k, bks), window_blocks(t, w, bk, cfg.splits))
+        hi = jnp.minimum(hi, pl.cdiv(jnp.minimum(lim_max, k), bks))  # at most lim rows are selected
         e = jax.lax.broadcasted_iota(jnp.int32, (bt * bks,), 0)
         tk = t_min + e // bks  # token of each gathered row
         lim_k = jnp.minimum(jnp.minimum((pos0 + tk + 1) // ratio, cnt), r)

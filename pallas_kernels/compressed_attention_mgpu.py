@@ -8,8 +8,13 @@ heads is 256 registers a thread for one warpgroup. Triton spreads it over 8 warp
 spills 424-448 bytes a thread, and runs one program an SM with nothing to overlap its loads and softmax
 (BENCHMARKS.md, "What Triton makes of the kernels"): 150-250 TFLOP/s. Here the layout is chosen by hand:
 
-* one program is one token's ``H = 64`` heads (wgmma's M) against its keys, split over ``splits`` programs along
-  the compressed rows for long decode contexts;
+* a program takes one token's ``H = 64`` heads (wgmma's M) against its keys at a time. In decode a token's
+  compressed rows are split over ``splits`` programs for long contexts (split 0 also walks the window, so it
+  takes fewer rows). In prefill one wave of resident programs walks the chunk's tokens, each every
+  ``programs``-th token (which balances the growing row counts): the next token's queries load as soon as
+  the last ``Q K^T`` of the current one is done, its first key tiles stream in during the current token's last
+  steps, and the output leaves through the key slot of the token's last step. A program a token (session 11)
+  paid about 5 µs a token for its start and end (BENCHMARKS.md, session 13);
 * three warpgroups, each with its own job, so ``S = Q K^T`` is computed once:
   - a *scores* warpgroup multiplies ``S = Q K^T`` (K-dim ``d``), masks it, keeps the running maximum and sum,
     and publishes ``P = exp2(S - m)`` in bf16 (``64 x bk``) with the rescale factors ``exp2(m_old - m)``
@@ -53,7 +58,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .compressed_attention import _NEG, _dot_nt
+from .compressed_attention import _NEG, _dot_nt, split_blocks, window_blocks
 from .fp8_matmul_mgpu import available, smem_transforms  # noqa: F401  (available: shared Hopper check)
 
 HEADS = 64
@@ -74,11 +79,18 @@ halves dynamically: the cause was not isolated)."""
 @dataclasses.dataclass(frozen=True)
 class MgpuAttnConfig:
     """``bk`` keys a pipeline step (a multiple of 64: ``P @ V``'s K with 128-byte swizzled tiles), ``stages``
-    shared-memory slots of ``[bk, d]`` bf16, ``splits`` programs over the compressed rows."""
+    shared-memory slots of ``[bk, d]`` bf16, ``splits`` programs over the compressed rows, ``programs`` along the
+    tokens of a chunk (0: one a token; fewer: each walks every ``programs``-th token, unsplit, 64-key steps)."""
 
     bk: int = 64
     stages: int = 2
     splits: int = 1
+    programs: int = 0
+
+
+def _token_programs(t: int, cfg: MgpuAttnConfig) -> int:
+    """Programs along a chunk's ``t`` tokens."""
+    return min(t, cfg.programs) if cfg.programs > 0 else t
 
 
 def smem_bytes(d: int, cfg: MgpuAttnConfig) -> int:
@@ -96,17 +108,30 @@ def supported(h: int, d: int, cfg: MgpuAttnConfig | None = None) -> bool:
             and smem_bytes(d, cfg) <= SMEM_BYTES)
 
 
-def default_config(t: int, r: int, batch: int, d: int = 512) -> MgpuAttnConfig:
-    """Prefill: one program a token, unsplit. Decode: the compressed rows split until about one wave of 132
-    programs, at least 2 blocks a split. 64-key steps in 2 slots (3 where ``d`` leaves room)."""
+def sm_count() -> int:
+    """Streaming multiprocessors of the first device (132 where it does not say: an H100 / H200 SXM)."""
+    try:
+        return int(getattr(jax.devices()[0], "core_count", 0)) or 132
+    except RuntimeError:
+        return 132
+
+
+def default_config(t: int, r: int, batch: int, d: int = 512, sms: int = 132) -> MgpuAttnConfig:
+    """Prefill: one wave of ``sms`` resident programs (at least one a sequence), each walking every
+    ``programs``-th token of its sequence, unsplit. Decode: one program a token, the compressed rows split until
+    about one wave of ``sms`` programs, at least 2 blocks a split. 64-key steps in 2 slots (3 where ``d`` leaves
+    room)."""
     bk = 64
     stages = 3 if smem_bytes(d, MgpuAttnConfig(bk, 3)) <= SMEM_BYTES else 2
-    splits = 1
+    splits, programs = 1, 0
     if t == 1 and r:
         blocks = -(-r // bk)
-        while batch * splits * 2 <= 132 and blocks // (splits * 2) >= 2:
+        while batch * splits * 2 <= sms and blocks // (splits * 2) >= 2:
             splits *= 2
-    return MgpuAttnConfig(bk=bk, stages=stages, splits=splits)
+    elif t > 1:
+        programs = max(1, sms // batch)
+        programs = 0 if programs >= t else programs
+    return MgpuAttnConfig(bk=bk, stages=stages, splits=splits, programs=programs)
 
 
 def _kernel(meta_g, sink_g, q_g, kv_g, ring_g, rows_g, o_g, lse_g, scoped, *, t: int, w: int, r: int, ratio: int,
@@ -116,38 +141,49 @@ def _kernel(meta_g, sink_g, q_g, kv_g, ring_g, rows_g, o_g, lse_g, scoped, *, t:
 
     bk, stages, half = cfg.bk, cfg.stages, d // 2
     tp, wp, rp = kv_g.shape[1], ring_g.shape[1], rows_g.shape[1]  # padded to at least bk rows
-    (meta_s, sink_s, q_s, k_s, p_s, alpha_s, l_s, lse_s), (bars, k_bar, p_bar, pfree_bar, fin_bar) = scoped
-    tk, b, s = lax.axis_index("t"), lax.axis_index("b"), lax.axis_index("s")
+    (meta_s, sink_s, q_s, k_s, p_s, alpha_s, l_s, lse_s), (bars, k_bar, p_bar, pfree_bar, fin_bar, lfree_bar) = scoped
+    pt, b, s = lax.axis_index("t"), lax.axis_index("b"), lax.axis_index("s")
     wg = lax.axis_index("wg")
+    # A program walks the tokens pt, pt + nt, ... (one token where nt = t). With several, the next token's queries
+    # and first key tiles load during the current one's last steps, and the output leaves through the key slot of
+    # the token's last step (the queries' tile is by then the next token's).
+    nt = _token_programs(t, cfg)
+    multi = nt < t
+    items = lax.div(t - pt + (nt - 1), jnp.int32(nt)) if multi else 1
 
-    # Which keys: per-program scalars, computed alike by all three warpgroups once the meta row has landed.
-    @pl.when(wg == 2)
-    def _first_copies():  # the token's queries and the sinks do not wait for the meta row
-        plgpu.copy_gmem_to_smem(meta_g.at[pl.ds(b, 1)], meta_s, bars.at[0])
-        plgpu.copy_gmem_to_smem(sink_g, sink_s, bars.at[1])
+    def copy_q(tk):
         for hh in range(2):
             plgpu.copy_gmem_to_smem(q_g.at[b, tk, :, pl.ds(hh * half, half)], q_s.at[hh], bars.at[2 + hh])
 
+    @pl.when(wg == 2)
+    def _first_copies():  # the first token's queries and the sinks do not wait for the meta row
+        plgpu.copy_gmem_to_smem(meta_g.at[pl.ds(b, 1)], meta_s, bars.at[0])
+        plgpu.copy_gmem_to_smem(sink_g, sink_s, bars.at[1])
+        copy_q(pt)
+
+    # Which keys: per-token scalars, computed alike by all three warpgroups once the meta row has landed.
     plgpu.barrier_wait(bars.at[0])
     pos0, cnt = meta_s[0, 0], meta_s[0, 1]
-    pos = pos0 + tk
     r0 = lax.rem(pos0, jnp.int32(w))  # the ring's oldest slot
     first = (s == 0).astype(jnp.int32)
-    n_ring = first * (pos0 > 0).astype(jnp.int32) * (tk < w - 1).astype(jnp.int32) * (-(-wp // bk))
-    j_lo = lax.div(jnp.maximum(0, tk - w + 1), jnp.int32(8)) * 8  # TMA row offsets are multiples of 8
-    n_chunk = first * lax.div(tk + bk - j_lo, jnp.int32(bk))
-    if dense:
-        lim = jnp.minimum(jnp.minimum(lax.div(pos + 1, jnp.int32(ratio)), cnt), r)
-        blocks = -(-r // bk)
-        per = -(-blocks // cfg.splits)
-        lo = s * per
-        n_rows = jnp.maximum(0, jnp.minimum(lo + per, lax.div(lim + bk - 1, jnp.int32(bk))) - lo)
-    else:
-        lim, lo, n_rows = jnp.int32(0), 0, 0
-    n = n_ring + n_chunk + n_rows
 
-    def block(i):
-        """(source 0 ring / 1 chunk / 2 rows, first row copied, nominal first row) of step ``i``."""
+    def plan(tk):
+        """The key blocks of token ``tk``: (tk, pos, n_ring, j_lo, n_chunk, lim, lo, n)."""
+        pos = pos0 + tk
+        n_ring = first * (pos0 > 0).astype(jnp.int32) * (tk < w - 1).astype(jnp.int32) * (-(-wp // bk))
+        j_lo = lax.div(jnp.maximum(0, tk - w + 1), jnp.int32(8)) * 8  # TMA row offsets are multiples of 8
+        n_chunk = first * lax.div(tk + bk - j_lo, jnp.int32(bk))
+        if dense:
+            lim = jnp.minimum(jnp.minimum(lax.div(pos + 1, jnp.int32(ratio)), cnt), r)
+            lo, hi = split_blocks(s, cfg.splits, -(-r // bk), window_blocks(t, wp, bk, cfg.splits))
+            n_rows = jnp.maximum(0, jnp.minimum(hi, lax.div(lim + bk - 1, jnp.int32(bk))) - lo)
+        else:
+            lim, lo, n_rows = jnp.int32(0), 0, 0
+        return tk, pos, n_ring, j_lo, n_chunk, lim, lo, n_ring + n_chunk + n_rows
+
+    def block(pn, i):
+        """(source 0 ring / 1 chunk / 2 rows, first row copied, nominal first row) of step ``i`` of a token."""
+        _, _, n_ring, j_lo, n_chunk, _, lo, _ = pn
         src = (i >= n_ring).astype(jnp.int32) + (i >= n_ring + n_chunk).astype(jnp.int32)
         nom_ring = i * bk
         nom_chunk = j_lo + (i - n_ring) * bk
@@ -156,10 +192,9 @@ def _kernel(meta_g, sink_g, q_g, kv_g, ring_g, rows_g, o_g, lse_g, scoped, *, t:
         last = jnp.where(src == 0, wp - bk, jnp.where(src == 1, tp - bk, rp - bk))
         return src, pl.multiple_of(jnp.minimum(nominal, last), 8), nominal
 
-    def issue(i, hh):
-        """TMA of half ``hh`` of step ``i``'s key tile into its slot (by the warpgroup that reads it as V)."""
-        slot = lax.rem(i, jnp.int32(stages))
-        src, start, _ = block(i)
+    def issue(pn, i, slot, hh):
+        """TMA of half ``hh`` of step ``i``'s key tile into ``slot`` (by the warpgroup that reads it as V)."""
+        src, start, _ = block(pn, i)
 
         def copy(ref):
             plgpu.copy_gmem_to_smem(ref.at[b, pl.ds(start, bk), pl.ds(hh * half, half)],
@@ -169,11 +204,13 @@ def _kernel(meta_g, sink_g, q_g, kv_g, ring_g, rows_g, o_g, lse_g, scoped, *, t:
             if sid < 2 or dense:
                 pl.when(src == sid)(functools.partial(copy, ref))
 
+    def token_loop(body, init):
+        return lax.fori_loop(0, items, body, init) if multi else body(0, init)
+
     @pl.when(wg == 2)
     def _scores():
         plgpu.set_max_registers(REGS_SCORES, action="decrease")
-        for j in (1, 2, 3):
-            plgpu.barrier_wait(bars.at[j])
+        plgpu.barrier_wait(bars.at[1])
         row = plgpu.Layout.WGMMA.reduce(1)
         z = plgpu.load(sink_s, layout=row)
         ff = first.astype(jnp.float32)
@@ -181,62 +218,80 @@ def _kernel(meta_g, sink_g, q_g, kv_g, ring_g, rows_g, o_g, lse_g, scoped, *, t:
         l0 = z * 0.0 + ff
         col = plgpu.broadcasted_iota(jnp.int32, (HEADS, bk), 1, layout=plgpu.Layout.WGMMA)
 
-        def step(i, carry):
-            m, l_ = carry
-            slot, ps = lax.rem(i, jnp.int32(stages)), lax.rem(i, jnp.int32(2))
-            plgpu.barrier_wait(k_bar.at[slot * 2])
-            plgpu.barrier_wait(k_bar.at[slot * 2 + 1])
+        def token(j, g):  # g: steps of the program's earlier tokens (the slots' and P's cycle runs on)
+            pn = plan(pt + j * nt)
+            tk, pos, _, _, _, lim, _, n = pn
+            plgpu.barrier_wait(bars.at[2])
+            plgpu.barrier_wait(bars.at[3])
 
-            if interpret:  # the interpreter runs no wgmma in a multi-warpgroup kernel: the same products
-                k_lo, k_hi = k_s.at[slot, 0][...], k_s.at[slot, 1][...]
-                sc = (_dot_nt(q_s.at[0][...], k_lo) + _dot_nt(q_s.at[1][...], k_hi)) * (scale * _LOG2E)
-            else:
-                def qk(acc_ref):
-                    plgpu.wgmma(acc_ref, q_s.at[0], k_s.at[slot, 0].T)
-                    plgpu.wgmma(acc_ref, q_s.at[1], k_s.at[slot, 1].T)
-                    plgpu.wgmma_wait(0)
-                    return acc_ref[...]
+            def step(i, carry):
+                m, l_ = carry
+                gi = g + i
+                slot, ps = lax.rem(gi, jnp.int32(stages)), lax.rem(gi, jnp.int32(2))
+                plgpu.barrier_wait(k_bar.at[slot * 2])
+                plgpu.barrier_wait(k_bar.at[slot * 2 + 1])
 
-                sc = pl.run_scoped(qk, plgpu.ACC((HEADS, bk), jnp.float32)) * (scale * _LOG2E)
-            src, start, nominal = block(i)
+                if interpret:  # the interpreter runs no wgmma in a multi-warpgroup kernel: the same products
+                    k_lo, k_hi = k_s.at[slot, 0][...], k_s.at[slot, 1][...]
+                    sc = (_dot_nt(q_s.at[0][...], k_lo) + _dot_nt(q_s.at[1][...], k_hi)) * (scale * _LOG2E)
+                else:
+                    def qk(acc_ref):
+                        plgpu.wgmma(acc_ref, q_s.at[0], k_s.at[slot, 0].T)
+                        plgpu.wgmma(acc_ref, q_s.at[1], k_s.at[slot, 1].T)
+                        plgpu.wgmma_wait(0)
+                        return acc_ref[...]
 
-            def masked():
-                key = start + col
-                # valid: nominal <= key <= khi and vlo <= val <= vhi, val = the key's position (ring) or index
-                is_ring = (src == 0).astype(jnp.int32)
-                kpos = pos0 - w + key - r0 + jnp.where(key < r0, w, 0)  # ring slot -> position (slot = pos mod W)
-                val = key + is_ring * (kpos - key)
-                vlo = jnp.where(src == 0, jnp.maximum(0, pos - w + 1), jnp.where(src == 1, tk - w + 1, 0))
-                vhi = jnp.where(src == 0, pos, jnp.where(src == 1, tk, lim - 1))
-                khi = jnp.where(src == 0, w - 1, rp + tp)
-                ok = (key >= nominal) & (key <= khi) & (val >= vlo) & (val <= vhi)
-                return jnp.where(ok, sc, -jnp.inf)
+                    sc = pl.run_scoped(qk, plgpu.ACC((HEADS, bk), jnp.float32)) * (scale * _LOG2E)
+                if multi:  # the token's last read of its queries is done: the next token's may land
+                    pl.when((i == n - 1) & (j + 1 < items))(lambda: copy_q(tk + nt))
+                src, start, nominal = block(pn, i)
 
-            # a block of compressed rows wholly below the limit, where it should start, needs no mask
-            whole = (src == 2) & (start == nominal) & (start + bk <= lim)
-            sc = lax.cond(whole, lambda: sc, masked)
-            m_new = jnp.maximum(m, sc.max(axis=1))
-            alpha = jnp.exp2(m - m_new)
-            p = jnp.exp2(sc - lax.broadcast_in_dim(m_new, sc.shape, [0]))
-            l_ = l_ * alpha + p.sum(axis=1)
+                def masked():
+                    key = start + col
+                    # valid: nominal <= key <= khi and vlo <= val <= vhi, val = the key's position (ring) or index
+                    is_ring = (src == 0).astype(jnp.int32)
+                    kpos = pos0 - w + key - r0 + jnp.where(key < r0, w, 0)  # ring slot -> position (pos mod W)
+                    val = key + is_ring * (kpos - key)
+                    vlo = jnp.where(src == 0, jnp.maximum(0, pos - w + 1), jnp.where(src == 1, tk - w + 1, 0))
+                    vhi = jnp.where(src == 0, pos, jnp.where(src == 1, tk, lim - 1))
+                    khi = jnp.where(src == 0, w - 1, rp + tp)
+                    ok = (key >= nominal) & (key <= khi) & (val >= vlo) & (val <= vhi)
+                    return jnp.where(ok, sc, -jnp.inf)
 
-            @pl.when(i >= 2)
-            def _():  # both P @ V warpgroups are done with this slot's P of two steps ago
-                plgpu.barrier_wait(pfree_bar.at[ps])
+                # a block of compressed rows wholly below the limit, where it should start, needs no mask
+                whole = (src == 2) & (start == nominal) & (start + bk <= lim)
+                sc = lax.cond(whole, lambda: sc, masked)
+                m_new = jnp.maximum(m, sc.max(axis=1))
+                alpha = jnp.exp2(m - m_new)
+                p = jnp.exp2(sc - lax.broadcast_in_dim(m_new, sc.shape, [0]))
+                l_ = l_ * alpha + p.sum(axis=1)
 
-            p_s.at[ps][...] = p.astype(jnp.bfloat16)
-            alpha_s.at[ps][...] = alpha
+                @pl.when(gi >= 2)
+                def _():  # both P @ V warpgroups are done with this slot's P of two steps ago
+                    plgpu.barrier_wait(pfree_bar.at[ps])
+
+                p_s.at[ps][...] = p.astype(jnp.bfloat16)
+                alpha_s.at[ps][...] = alpha
+                plgpu.commit_smem()
+                plgpu.barrier_arrive(p_bar.at[ps])
+                return m_new, l_
+
+            m, l_ = lax.fori_loop(0, n, step, (m0, l0))
+            l_safe = jnp.maximum(l_, 1e-30)  # a split that saw no key: l = 0 and acc = 0
+            if multi:
+                @pl.when(j > 0)
+                def _():  # the value warpgroups have read the last token's sums; its lse has left shared memory
+                    plgpu.barrier_wait(lfree_bar)
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+            l_s[...] = l_safe
+            lse_s[...] = m + jnp.log2(l_safe)
             plgpu.commit_smem()
-            plgpu.barrier_arrive(p_bar.at[ps])
-            return m_new, l_
+            plgpu.barrier_arrive(fin_bar)  # also: this warpgroup's last read of q_s for the token is done
+            plgpu.copy_smem_to_gmem(lse_s, lse_g.at[b, s, tk])
+            return g + n
 
-        m, l_ = lax.fori_loop(0, n, step, (m0, l0))
-        l_safe = jnp.maximum(l_, 1e-30)  # a split that saw no key: l = 0 and acc = 0
-        l_s[...] = l_safe
-        lse_s[...] = m + jnp.log2(l_safe)
-        plgpu.commit_smem()
-        plgpu.barrier_arrive(fin_bar)  # also: this warpgroup's last read of q_s is done
-        plgpu.copy_smem_to_gmem(lse_s, lse_g.at[b, s, tk])
+        token_loop(token, jnp.int32(0))
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the program may end once shared memory is read
 
     @pl.when(wg < 2)
@@ -245,39 +300,64 @@ def _kernel(meta_g, sink_g, q_g, kv_g, ring_g, rows_g, o_g, lse_g, scoped, *, t:
         row = plgpu.Layout.WGMMA.reduce(1)
         acc0 = plgpu.layout_cast(jnp.zeros((HEADS, half), jnp.float32), plgpu.Layout.WGMMA)
 
-        def refill(i):  # step i's copy of this warpgroup's half (a static half in each branch)
+        def refill(cur, go=True):
+            """Issue this warpgroup's half of the next key tile in the program's order: ``cur`` = (token, step of
+            the token, step of the program), advanced past it (left as is where ``go`` is false)."""
+            jc, ic, gc = cur
+            pn = plan(pt + jc * nt)
+            ok = (jc < items) & (ic < pn[-1]) & go
             for hh in range(2):
-                pl.when((wg == hh) & (i < n))(functools.partial(issue, i, hh))
+                pl.when((wg == hh) & ok)(functools.partial(issue, pn, ic, lax.rem(gc, jnp.int32(stages)), hh))
+            nxt = ic + 1 >= pn[-1]
+            adv = (jc + nxt.astype(jnp.int32), jnp.where(nxt, 0, ic + 1), gc + 1)
+            return tuple(jnp.where(go, a, c) for a, c in zip(adv, cur))
 
-        for j in range(stages):
-            refill(j)
+        cur = (jnp.int32(0), jnp.int32(0), jnp.int32(0))
+        for _ in range(stages):
+            cur = refill(cur)
 
-        def step(i, acc):
-            slot, ps = lax.rem(i, jnp.int32(stages)), lax.rem(i, jnp.int32(2))
-            plgpu.barrier_wait(k_bar.at[slot * 2 + wg])  # this warpgroup's half of the key tile (V)
-            plgpu.barrier_wait(p_bar.at[ps])
-            alpha = plgpu.load(alpha_s.at[ps], layout=row)
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            if interpret:
-                acc = acc + jnp.dot(p_s.at[ps][...], k_s.at[slot, wg][...], preferred_element_type=jnp.float32)
-            else:
-                def pv(acc_ref):
-                    plgpu.wgmma(acc_ref, p_s.at[ps], k_s.at[slot, wg])
-                    plgpu.wgmma_wait(0)
+        def token(j, carry):
+            g, cur = carry
+            pn = plan(pt + j * nt)
+            tk, n = pn[0], pn[-1]
 
-                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-            plgpu.barrier_arrive(pfree_bar.at[ps])
-            # this half of the slot is free (the scores warpgroup's Q K^T of step i came before P): refill it
-            refill(i + stages)
-            return acc
+            def step(i, c):
+                acc, cur = c
+                gi = g + i
+                slot, ps = lax.rem(gi, jnp.int32(stages)), lax.rem(gi, jnp.int32(2))
+                plgpu.barrier_wait(k_bar.at[slot * 2 + wg])  # this warpgroup's half of the key tile (V)
+                plgpu.barrier_wait(p_bar.at[ps])
+                alpha = plgpu.load(alpha_s.at[ps], layout=row)
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                if interpret:
+                    acc = acc + jnp.dot(p_s.at[ps][...], k_s.at[slot, wg][...], preferred_element_type=jnp.float32)
+                else:
+                    def pv(acc_ref):
+                        plgpu.wgmma(acc_ref, p_s.at[ps], k_s.at[slot, wg])
+                        plgpu.wgmma_wait(0)
 
-        acc = lax.fori_loop(0, n, step, acc0)
-        plgpu.barrier_wait(fin_bar)
-        o = acc * lax.broadcast_in_dim(1.0 / plgpu.load(l_s, layout=row), acc.shape, [0])
-        q_s.at[wg][...] = o.astype(jnp.bfloat16)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_s.at[wg], o_g.at[b, s, tk, :, pl.ds(pl.multiple_of(wg * half, 64), half)])
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                plgpu.barrier_arrive(pfree_bar.at[ps])
+                # this half of the slot is free (the scores warpgroup's Q K^T of step i came before P): refill it,
+                # except after a token's last step, whose slot first carries the output out
+                return acc, refill(cur, (i < n - 1) if multi else True)
+
+            acc, cur = lax.fori_loop(0, n, step, (acc0, cur))
+            plgpu.barrier_wait(fin_bar)
+            inv_l = 1.0 / plgpu.load(l_s, layout=row)
+            if multi:
+                plgpu.barrier_arrive(lfree_bar)
+            o = acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])
+            stage = k_s.at[lax.rem(g + n - 1, jnp.int32(stages)), wg] if multi else q_s.at[wg]
+            stage[...] = o.astype(jnp.bfloat16)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(stage, o_g.at[b, s, tk, :, pl.ds(pl.multiple_of(wg * half, 64), half)])
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            if multi:
+                cur = refill(cur)
+            return g + n, cur
+
+        token_loop(token, (jnp.int32(0), cur))
 
 
 @functools.partial(jax.jit, static_argnames=("ratio", "cfg", "interpret", "scale"))
@@ -301,6 +381,8 @@ def _call(q, kv, ring, pos0, sink, rows, count, *, ratio: int, cfg: MgpuAttnConf
     cnt = count.astype(jnp.int32) if count is not None else jnp.full((b,), r, jnp.int32)
     meta = jnp.stack([pos0.astype(jnp.int32), cnt, jnp.zeros_like(cnt), jnp.zeros_like(cnt)], axis=1)
     cfg = dataclasses.replace(cfg, splits=splits)
+    if _token_programs(t, cfg) < t and (splits > 1 or bk != HEADS):
+        raise ValueError(f"programs walking several tokens take one split and 64-key steps; got {cfg}")
     half = d // 2
     kernel = functools.partial(_kernel, t=t, w=w, r=r, ratio=ratio, dense=dense, cfg=cfg, d=d, scale=scale,
                                interpret=interpret)
@@ -313,9 +395,11 @@ def _call(q, kv, ring, pos0, sink, rows, count, *, ratio: int, cfg: MgpuAttnConf
                    plgpu.SMEM((2, HEADS, bk), jnp.bfloat16, transforms=smem_transforms(bk, 16)),
                    plgpu.SMEM((2, HEADS), jnp.float32), plgpu.SMEM((HEADS,), jnp.float32),
                    plgpu.SMEM((HEADS,), jnp.float32)]
-        # first copies, key halves landed, P published, P slot free (both value warpgroups), final sums written
+        # first copies, key halves landed, P published, P slot free (both value warpgroups), final sums written,
+        # final sums read (both)
         barriers = (plgpu.Barrier(num_barriers=4), plgpu.Barrier(num_barriers=2 * cfg.stages),
-                    plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_arrivals=2, num_barriers=2), plgpu.Barrier())
+                    plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_arrivals=2, num_barriers=2), plgpu.Barrier(),
+                    plgpu.Barrier(num_arrivals=2))
         pl.run_scoped(lambda *a: kernel(meta_g, sink_g, q_g, kv_g, ring_g, rows_g, o_g, lse_g, a), scratch,
                       barriers, collective_axes="wg")
 
@@ -323,7 +407,7 @@ def _call(q, kv, ring, pos0, sink, rows, count, *, ratio: int, cfg: MgpuAttnConf
     o, lse = plgpu.kernel(
         entry, out_type=(jax.ShapeDtypeStruct((b, splits, t, HEADS, d), jnp.bfloat16),
                          jax.ShapeDtypeStruct((b, splits, t, HEADS), jnp.float32)),
-        grid=(splits, b, t), grid_names=("s", "b", "t"), num_threads=WARPGROUPS, thread_name="wg",  # the last is CUDA's x
+        grid=(splits, b, _token_programs(t, cfg)), grid_names=("s", "b", "t"), num_threads=WARPGROUPS, thread_name="wg",  # the last is CUDA's x
         compiler_params=plgpu.CompilerParams(approx_math=True), **kw,
     )(meta, sink.astype(jnp.float32), q.astype(jnp.bfloat16), kv, ring, rows)
     if splits == 1:
@@ -351,7 +435,7 @@ def compressed_attention_mgpu(q: jax.Array, kv: jax.Array, ring: jax.Array, pos0
     optional ``rows [B, R, d]`` -> ``o [B, T, 64, d]`` bf16."""
     b, t, h, d = q.shape
     r = 0 if rows is None else rows.shape[1]
-    cfg = config or default_config(t, r, b, d)
+    cfg = config or default_config(t, r, b, d, sm_count())
     if interpret and (threads := interpreter_threads()) < WARPGROUPS:
         raise RuntimeError(f"Mosaic GPU's interpreter runs this kernel's {WARPGROUPS} warpgroups as concurrent XLA:CPU "
                            f"programs, but XLA's CPU thread pool has {threads}; set NPROC=4 (or more) in the "

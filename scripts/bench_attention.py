@@ -7,12 +7,13 @@ kernels one call launches (inputs rotated over copies larger than the L2); wall 
 calls (dispatch included). Achieved TB/s (decode: bytes that must be read) and TFLOP/s (prefill: FLOPs that
 must be done) are set against ceilings measured in the same run (a 4 GiB ``jnp.sum``; an 8192^3 bf16
 ``jnp.dot``). Where the default attention kernel is the Mosaic GPU one (SWA and HCA prefill, HCA decode of 8
-tokens or more: ``compressed_attention.use_mgpu``), the Pallas-Triton kernel is timed beside it. ``--sweep``
-first times a few tile choices of each kernel. Prints markdown tables.
+tokens or more: ``compressed_attention.use_mgpu``), the Pallas-Triton kernel is timed beside it. ``--by-kernel``
+also lists each decode step's kernels with their times; ``--sweep`` first times a few tile choices of each
+kernel. Prints markdown tables.
 
     PYTHONPATH=. python scripts/bench_attention.py [--batch 1,32] [--decode 8192,131072,1048576]
-        [--prefill 8192,32768,131072] [--reference-max 8192] [--kinds SWA,CSA,HCA] [--sweep] [--sweep-decode B]
-        [--sweep-indexer] [--sweep-prefill]
+        [--prefill 8192,32768,131072] [--reference-max 8192] [--kinds SWA,CSA,HCA] [--by-kernel] [--sweep]
+        [--sweep-decode B] [--sweep-indexer] [--sweep-prefill]
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from cupti_timing import extension, median_kernel_ms, median_wall_ms
+from cupti_timing import extension, median_kernel_ms, median_kernels_ms, median_wall_ms
 
 from dsv4_jax import kernels
 from pallas_kernels import compressed_attention as CA
@@ -305,6 +306,7 @@ def main():
     ap.add_argument("--prefill", default="8192,32768,131072")
     ap.add_argument("--kinds", default="SWA,CSA,HCA", help="layer types to time")
     ap.add_argument("--reference-max", type=int, default=8192, help="longest prefill run through the reference")
+    ap.add_argument("--by-kernel", action="store_true", help="also list each decode step's kernels and their times")
     ap.add_argument("--sweep", action="store_true", help="time a few tile choices first")
     ap.add_argument("--sweep-decode", type=int, default=0, metavar="B",
                     help="only time the decode kernel's tile choices at batch B (at the --decode contexts over 64K)")
@@ -331,10 +333,10 @@ def main():
     if args.sweep:
         sweep(key, mm, bw)
     batches = [int(c) for c in args.batch.split(",") if c]
-    decode(key, batches[0], args.decode, bw, kinds, reference=True)
+    decode(key, batches[0], args.decode, bw, kinds, reference=True, by_kernel=args.by_kernel)
     prefill(key, args.prefill, args.reference_max, mm, kinds)
     for b in batches[1:]:
-        decode(key, b, args.decode, bw, kinds, reference=False)
+        decode(key, b, args.decode, bw, kinds, reference=False, by_kernel=args.by_kernel)
 
 
 def _triton(kind: str, b: int, t: int, argsets, scale: float = 1e3, digits: int = 1) -> str:
@@ -348,18 +350,18 @@ def _triton(kind: str, b: int, t: int, argsets, scale: float = 1e3, digits: int 
     return _fmt(k or wall, scale, digits)
 
 
-def decode(key, b: int, contexts: str, bw: float, kinds: list[str], reference: bool):
+def decode(key, b: int, contexts: str, bw: float, kinds: list[str], reference: bool, by_kernel: bool = False):
     print(f"\n## Decode, batch {b}, one layer (µs per step)\n\n| layer | cached | kernel | wall | floor | "
           "x floor | TB/s | Triton kernel | reference wall | peak GiB |\n|---|---|---|---|---|---|---|---|---|---|",
           flush=True)
-    per_layer_1m = {}
+    per_layer_1m, launches = {}, []
     for ctx in [int(c) for c in contexts.split(",") if c]:
         for kind in kinds:
             a = inputs(key, b, 1, ctx // 128 if kind == "HCA" else ctx // 4, ctx // 4 if kind == "CSA" else 1)
             pos0 = jnp.full((b,), ctx - 1, jnp.int32)
             argsets = copies((*a, pos0), cap=4)
             try:
-                k, wall = measure(layer_fn(kind, True, 1), argsets, 10)
+                k, wall = measure(fn := layer_fn(kind, True, 1), argsets, 10)
             except Exception as e:  # noqa: BLE001 (report and go on)
                 print(f"| {kind} | {ctx} | error: {type(e).__name__}: {str(e)[:200]} |", flush=True)
                 continue
@@ -374,9 +376,16 @@ def decode(key, b: int, contexts: str, bw: float, kinds: list[str], reference: b
             floor = decode_cost(kind, b, ctx) / (bw * 1e12)
             if ctx == 1048576:
                 per_layer_1m[kind] = (k, wall)
+            if by_kernel:
+                parts = median_kernels_ms(fn, argsets, 5)  # the compiled step just timed
+                launches.append(f"- {kind} at {ctx}: " + ("no CUPTI, or the calls launched different kernels"
+                                if parts is None else ", ".join(f"{n} {ms * 1e3:.1f}" for n, ms in parts)))
             print(f"| {kind} | {ctx} | {_fmt(k)} | {wall * 1e3:.1f} | {floor * 1e6:.2f} | {sec / floor:.1f} | "
                   f"{decode_cost(kind, b, ctx) / sec / 1e12:.2f} | {tri} | {tr} | {peak_gib():.1f} |", flush=True)
             del a, argsets
+    if launches:
+        print(f"\nKernels of one decode step, batch {b} (CUPTI, µs, medians of 5 calls, in launch order):\n",
+              *launches, sep="\n", flush=True)
     if len(per_layer_1m) == 3:
         kern = sum((per_layer_1m[k][0] or 0.0) * n for k, n in LAYERS.items())
         wall = sum(per_layer_1m[k][1] * n for k, n in LAYERS.items())

@@ -35,6 +35,10 @@ def kernels_of_call(fn, *args) -> list[tuple[str, float]] | None:
     if ext is None:
         return None
     jax.block_until_ready(fn(*args))
+    return _traced_call(ext, fn, args)
+
+
+def _traced_call(ext, fn, args) -> list[tuple[str, float]]:
     ext._cupti_init()
     jax.block_until_ready(fn(*args))
     return _collected(ext)
@@ -57,6 +61,20 @@ def median_kernel_ms(fn, argsets, iters: int) -> float | None:
     if per_call == 0 or len(t) != per_call * iters:
         return sum(ms for _, ms in t) / iters
     return statistics.median(sum(ms for _, ms in t[i * per_call:(i + 1) * per_call]) for i in range(iters))
+
+
+def median_kernels_ms(fn, argsets, iters: int) -> list[tuple[str, float]] | None:
+    """``[(kernel name, median ms)]`` of one call, in launch order: medians over ``iters`` calls (rotating over
+    ``argsets``) of each launch; None without CUPTI or where the calls launch different kernels."""
+    ext = extension()
+    if ext is None:
+        return None
+    for a in argsets:
+        jax.block_until_ready(fn(*a))
+    calls = [_traced_call(ext, fn, argsets[i % len(argsets)]) for i in range(iters)]
+    if any([n for n, _ in c] != [n for n, _ in calls[0]] for c in calls):
+        return None
+    return [(name, statistics.median(c[j][1] for c in calls)) for j, (name, _) in enumerate(calls[0])]
 
 
 def median_wall_ms(fn, argsets, iters: int) -> float:

@@ -11,7 +11,7 @@ import pytest
 
 import dsv4_jax as d
 from dsv4_jax.cache import init_cache
-from dsv4_jax.generation import decode_step, generate, generate_stream, prefill
+from dsv4_jax.generation import _decode_chunk, decode_step, generate, generate_stream, prefill
 from dsv4_jax.sampling import filter_logits, sample, sampling_args
 
 # CSA ratio 4, HCA ratio 16, window 8: 40+ tokens cross many CSA blocks, two HCA blocks and the window wrap.
@@ -119,7 +119,9 @@ def test_stops_on_eos_and_stop_tokens():
     prompt = list(np.random.default_rng(4).integers(0, C.vocab_size, 6))
     free = generate(MODEL, [prompt], max_new_tokens=10, ignore_eos=True)[0]
     stop = free[3]
+    compiled = _decode_chunk._cache_size()
     cut = generate(MODEL, [prompt], max_new_tokens=10, ignore_eos=True, stop_token_ids=(stop,))[0]
+    assert _decode_chunk._cache_size() == compiled  # other stop tokens reuse the compiled decoding loop
     assert cut == free[: free.index(stop) + 1]
     # A configuration with several end-of-sequence ids stops on any of them (and not with ignore_eos).
     eos_model = dataclasses.replace(MODEL, config=dataclasses.replace(C, eos_token_id=(C.vocab_size - 1, stop)))

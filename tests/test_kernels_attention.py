@@ -98,6 +98,21 @@ def test_decode_split_keys_interpret(splits):
     _check_attention(o, q, kv, ring, pos0, sink, rows, ratio=4)
 
 
+def test_decode_splits_share_the_steps_with_the_window():
+    """``split_blocks``: the splits' row blocks cover every block once, in order, and split 0, which also walks
+    the window's blocks, takes that many fewer, so no split has more than its share of all the steps."""
+    r = rng(5)
+    for _ in range(200):
+        blocks, extra, splits = int(r.integers(1, 300)), int(r.integers(0, 5)), int(r.integers(1, 40))
+        ranges = [tuple(int(v) for v in CA.split_blocks(jnp.int32(s), splits, blocks, extra)) for s in range(splits)]
+        covered = [c for lo, hi in ranges for c in range(lo, min(hi, blocks))]
+        assert covered == list(range(blocks)), (blocks, extra, splits, ranges)
+        steps = [max(0, min(hi, blocks) - lo) + (extra if s == 0 else 0) for s, (lo, hi) in enumerate(ranges)]
+        assert max(steps) == -(-(blocks + extra) // splits) or max(steps) == extra, (blocks, extra, splits, steps)
+    assert CA.window_blocks(1, 128, 64, 4) == 3 and CA.window_blocks(1, 128, 64, 1) == 0
+    assert CA.window_blocks(2, 128, 64, 4) == 0
+
+
 @pytest.mark.parametrize("h,d,t,k", [(3, 128, 9, 0), (6, 128, 1, 0), (12, 128, 7, 6), (3, 128, 1, 6),
                                      (4, 192, 9, 6), (4, 192, 1, 0), (6, 320, 1, 6)])
 def test_head_counts_and_sizes_not_a_power_of_two_interpret(h, d, t, k):

@@ -31,15 +31,17 @@ def _check(o, q, kv, ring, pos0, sink, rows, **kw):
 
 
 # (B, T, W, R, ratio, pos0, count, config): prefill from 0 beside a continued chunk (ring wrap-around, one
-# sequence without rows yet); the window alone; decode over rows split across programs (some splits empty, a
-# count below the visible rows, a sequence with none); a chunk longer than a 64-key block whose window and rows
-# straddle block boundaries (blocks that would run past the array start earlier and mask what they repeat).
+# sequence without rows yet), its programs walking 2 tokens each at the most; the window alone, a program a token;
+# decode over rows split across programs (some splits empty, a count below the visible rows, a sequence with
+# none); a chunk longer than a 64-key block whose window and rows straddle block boundaries (blocks that would run
+# past the array start earlier and mask what they repeat), 3 programs walking 23-24 tokens each (tokens of one
+# key step and of several, the output leaving through the last step's key slot, the next tokens' copies queued).
 CASES = [
-    (2, 9, 8, 9, 4, [0, 13], None, None),
+    (2, 9, 8, 9, 4, [0, 13], None, CM.MgpuAttnConfig(programs=5)),
     (2, 5, 8, 0, 1, [0, 13], None, None),
     (3, 1, 16, 70, 4, [281, 2, 130], [60, 0, 33], CM.MgpuAttnConfig(splits=3)),
     (2, 1, 16, 70, 4, [281, 150], None, CM.MgpuAttnConfig(splits=2)),
-    (1, 70, 72, 90, 1, [100], None, None),
+    (1, 70, 72, 90, 1, [100], None, CM.MgpuAttnConfig(programs=3)),
 ]
 
 
@@ -82,7 +84,16 @@ def test_shapes_and_dispatch_policy(monkeypatch):
     assert CM.default_config(1, 8192, 64).splits == 2
     assert CM.default_config(1, 8192, 8).splits == 16
     assert CM.default_config(1, 100, 1).splits == 1
-    assert CM.default_config(4096, 1024, 1).splits == 1
+    # prefill: one wave of resident programs walking the tokens, unsplit; one program a token where that is fewer
+    assert CM.default_config(4096, 1024, 1) == CM.MgpuAttnConfig(bk=64, stages=2, splits=1, programs=132)
+    assert CM.default_config(4096, 0, 4, sms=114).programs == 28
+    assert CM.default_config(100, 0, 2).programs == 66 and CM.default_config(60, 0, 4).programs == 33
+    assert CM.default_config(64, 0, 4, 512).programs == 33 and CM.default_config(16, 0, 8).programs == 0
+    assert CM.default_config(1, 1024, 32).programs == 0
+    q, kv, ring, rows, sink = _inputs(rng(2), 1, 4, 128, 8, 8)
+    with pytest.raises(ValueError, match="one split"):  # refused while tracing, before anything runs
+        CM.compressed_attention_mgpu(q, kv, ring, jnp.asarray([9]), sink, rows, ratio=4,
+                                     config=CM.MgpuAttnConfig(splits=2, programs=2))
     monkeypatch.setattr(CM, "available", lambda: True)
     assert CA.use_mgpu(1, 4096, 64, 512, dense=False) and CA.use_mgpu(1, 4096, 64, 512, dense=True)
     assert CA.use_mgpu(32, 1, 64, 512, dense=True) and not CA.use_mgpu(4, 1, 64, 512, dense=True)

@@ -174,6 +174,28 @@ def test_mtp_matches_transformers_block():
     assert _rel(d.forward_mtp(model, tokens), ref.numpy()) < 1e-4
 
 
+def test_several_mtp_layers_chain_their_depths():
+    """Beyond the spec's one MTP layer, DeepSeek-V3's sequential MTP: depth j combines depth j-1's output
+    streams at position i with the embedding of token i+j+1. Depth 0 is the one-layer model's MTP; depth 1 has
+    T-2 rows, and its row i changes with token i+2 but with no later token."""
+    c1 = d.tiny(vocab_size=200)
+    c2 = dataclasses.replace(c1, num_nextn_predict_layers=2, compress_ratios=c1.compress_ratios + (0,))
+    m2 = d.random_model(c2, seed=3)
+    m1 = dataclasses.replace(m2, config=c1, params=dataclasses.replace(m2.params, mtp=m2.params.mtp[:1]))
+    tokens = np.random.default_rng(8).integers(0, 200, (2, 11))
+    out = d.forward_mtp(m2, tokens)
+    assert isinstance(out, tuple) and [o.shape for o in out] == [(2, 10, 200), (2, 9, 200)]
+    assert _rel(out[0], np.asarray(d.forward_mtp(m1, tokens))) < 1e-6
+    k = 6
+    changed = tokens.copy()
+    changed[:, k] = (changed[:, k] + 17) % 200
+    deep, deep_changed = np.asarray(out[1]), np.asarray(d.forward_mtp(m2, changed)[1])
+    assert _rel(deep_changed[:, : k - 2], deep[:, : k - 2]) < 1e-6  # rows before k - 2 see tokens < k only
+    assert _rel(deep_changed[:, k - 2], deep[:, k - 2]) > 1e-3  # row k - 2 embeds token k
+    with pytest.raises(ValueError, match="needs at least 3 tokens"):
+        d.forward_mtp(m2, tokens[:, :2])
+
+
 def test_flash_parameter_count():
     """ARCHITECTURE.md §1: 284.33B parameters without MTP and 6.61B in MTP, from abstract shapes only."""
     import jax
