@@ -16,8 +16,9 @@
   :func:`window_attention` those of ``attention.attend`` over the window and compressed rows that
   ``attention.attention`` builds, gathering each token's selected rows (Pallas-Triton on GPU in bf16:
   ``pallas_kernels.indexer_topk`` and ``pallas_kernels.compressed_attention``; on Hopper, the window and HCA
-  layers of 64 heads through the Mosaic GPU kernel ``pallas_kernels.compressed_attention_mgpu`` where it
-  measured faster, chosen inside ``pallas_kernels``).
+  layers of 64 heads through the Mosaic GPU kernel ``pallas_kernels.compressed_attention_mgpu``, and the
+  indexer's prefill scoring of 64 heads through ``pallas_kernels.indexer_mgpu``, where they measured faster,
+  chosen inside ``pallas_kernels``).
 
 ``interpret=True`` runs the kernels on any backend with Pallas' interpreter (tests); ``w4a4=True`` selects the
 Blackwell-numerics option (activations quantised to NVFP4 with the checkpoint's ``input_scale``).

@@ -10,7 +10,11 @@
   same packed weights, which ``nvfp4_matmul`` and ``nvfp4_moe`` dispatch where they measured faster;
 * :mod:`.nvfp4_act`     W4A4 option (activations quantised to NVFP4 with the checkpoint's input_scale);
 * :mod:`.compressed_attention`  window + compressed-row attention (SWA / CSA / HCA), prefill and decode;
+* :mod:`.compressed_attention_mgpu`  the window and HCA layers (no selection) on Hopper in Mosaic GPU, which
+  ``compressed_attention`` dispatches where it measured faster;
 * :mod:`.indexer_topk`  Lightning Indexer scoring and exact top-k selection;
+* :mod:`.indexer_mgpu`  the indexer's prefill scoring on Hopper in Mosaic GPU, which ``indexer_topk.index_select``
+  dispatches;
 * :mod:`.lowering`      lowering the kernels for an sm_90 GPU without one (tests, ``scripts/inspect_kernels.py``).
 
 The model chooses between kernels and references in one place, ``dsv4_jax.kernels``.

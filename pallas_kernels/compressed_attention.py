@@ -55,11 +55,19 @@ class AttnConfig:
     num_stages: int = 2
 
 
-def default_config(t: int, h: int, r: int, batch: int, k: int = 0) -> AttnConfig:
+def sm_count() -> int:
+    """Streaming multiprocessors of the first device (132 where it does not say: an H100 / H200 SXM)."""
+    try:
+        return int(getattr(jax.devices()[0], "core_count", 0)) or 132
+    except RuntimeError:
+        return 132
+
+
+def default_config(t: int, h: int, r: int, batch: int, k: int = 0, sms: int = 132) -> AttnConfig:
     """Decode (``t == 1``): whole tokens' heads per block (64 rows, 8 warps; 32 rows x 4 warps where the rows
     are not split) once the batch alone gives ~128 programs, else 16 query rows x 4 warps (more programs, a
     quarter of the fp32 accumulator); the rows (or the ``k`` selected indices) are split until about one wave
-    of 132 programs, at least 2 row blocks (1 selected block) per split (the partial accumulators are
+    of ``sms`` programs (the GPU's multiprocessors), at least 2 row blocks (1 selected block) per split (the partial accumulators are
     ``splits x H x d`` fp32). Prefill: 64 query rows (one token's heads at H = 64), 8 warps (the fp32
     accumulator is ``64 x 512``); with a selection 32 rows x 4 warps (16 rows with fewer heads, bounding the
     gathered block). Chosen with
@@ -71,7 +79,7 @@ def default_config(t: int, h: int, r: int, batch: int, k: int = 0) -> AttnConfig
 
         def split(bm):
             progs, splits = batch * max(1, hp // bm), 1
-            while progs * splits * 2 <= 132 and blocks // (splits * 2) >= (1 if k else 2):
+            while progs * splits * 2 <= sms and blocks // (splits * 2) >= (1 if k else 2):
                 splits *= 2
             return splits
 
@@ -338,6 +346,6 @@ def compressed_attention(q: jax.Array, kv: jax.Array, ring: jax.Array, pos0: jax
         q = jnp.pad(q, ((0, 0), (0, 0), (0, hp - h), (0, 0)))
         sink = jnp.pad(sink, (0, hp - h))
     r = 0 if rows is None else rows.shape[1]
-    cfg = config or default_config(t, q.shape[2], r, b, 0 if idx is None else idx.shape[2])
+    cfg = config or default_config(t, q.shape[2], r, b, 0 if idx is None else idx.shape[2], sm_count())
     o = _call(q, kv, ring, pos0, sink, rows, count, idx, ratio=ratio, cfg=cfg, interpret=interpret, scale=d**-0.5)
     return o[:, :, :h, :d]

@@ -58,7 +58,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .compressed_attention import _NEG, _dot_nt, split_blocks, window_blocks
+from .compressed_attention import _NEG, _dot_nt, sm_count, split_blocks, window_blocks
 from .fp8_matmul_mgpu import available, smem_transforms  # noqa: F401  (available: shared Hopper check)
 
 HEADS = 64
@@ -106,14 +106,6 @@ def supported(h: int, d: int, cfg: MgpuAttnConfig | None = None) -> bool:
     cfg = cfg or MgpuAttnConfig()
     return (h == HEADS and d % 128 == 0 and 128 <= d <= 512 and cfg.bk % 64 == 0 and cfg.stages >= 1
             and smem_bytes(d, cfg) <= SMEM_BYTES)
-
-
-def sm_count() -> int:
-    """Streaming multiprocessors of the first device (132 where it does not say: an H100 / H200 SXM)."""
-    try:
-        return int(getattr(jax.devices()[0], "core_count", 0)) or 132
-    except RuntimeError:
-        return 132
 
 
 def default_config(t: int, r: int, batch: int, d: int = 512, sms: int = 132) -> MgpuAttnConfig:

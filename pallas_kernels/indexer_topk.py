@@ -300,12 +300,17 @@ def topk_mask(scores: jax.Array, *, top_k: int, cfg: IndexConfig, interpret: boo
 
 
 def index_select(q: jax.Array, w: jax.Array, keys: jax.Array, pos0: jax.Array, *, ratio: int, top_k: int,
-                 config: IndexConfig | None = None, query_block: int = 0, interpret: bool = False) -> jax.Array:
+                 config: IndexConfig | None = None, query_block: int = 0, interpret: bool = False,
+                 mgpu: bool | None = None) -> jax.Array:
     """Kernel path of :func:`index_select_reference` for tokens at ``pos0[b] + t``, as indices: ascending
     ``[B, T, top_k]`` int32 padded with -1 (``mask_to_indices`` of the reference's mask). ``query_block > 0``
     scores and selects that many tokens at a time (bounds the ``[T, R]`` score buffer). A head count ``H_I``
-    that is not a power of two of at least 16 is padded with heads of zero weight."""
-    b, t, h, _ = q.shape
+    that is not a power of two of at least 16 is padded with heads of zero weight. ``mgpu``: score with the
+    Mosaic GPU kernel (:mod:`pallas_kernels.indexer_mgpu`); by default where :func:`indexer_mgpu.use` says
+    (not yet: see ``indexer_mgpu.ON_BY_DEFAULT``)."""
+    from . import indexer_mgpu
+
+    b, t, h, d = q.shape
     hp = max(16, pl.next_power_of_2(h))
     if hp != h:  # Triton tiles are powers of two, a dot's side >= 16: extra heads of zero weight add nothing
         q = jnp.pad(q, ((0, 0), (0, 0), (0, hp - h), (0, 0)))
@@ -313,12 +318,19 @@ def index_select(q: jax.Array, w: jax.Array, keys: jax.Array, pos0: jax.Array, *
     r = keys.shape[1]
     cfg = config or default_config(t, r, b)
     tb = t if query_block <= 0 else min(query_block, t)
+    mgpu = indexer_mgpu.use(tb, hp, d, interpret) if mgpu is None else mgpu
     out = []
     for t0 in range(0, t, tb):
-        s = index_scores_kernel(q[:, t0:t0 + tb], w[:, t0:t0 + tb], keys, pos0 + t0, ratio=ratio, cfg=cfg,
-                                interpret=interpret)
-        tt = s.shape[1]
-        lim = (pos0[:, None] + t0 + jnp.arange(tt) + 1) // ratio  # the eligible rows of each token
-        out.append(topk_indices(s.reshape(b * tt, r), lim.reshape(b * tt), top_k=top_k, cfg=cfg,
-                                interpret=interpret).reshape(b, tt, top_k))
+        qb, wb = q[:, t0:t0 + tb], w[:, t0:t0 + tb]
+        tt = qb.shape[1]
+        if mgpu:  # padded scores, nothing written past a token's eligible rows (the top-k does not read there)
+            s = indexer_mgpu.index_scores_raw(qb, wb, keys, pos0 + t0, ratio=ratio,
+                                              cfg=indexer_mgpu.default_config(d), interpret=interpret)
+        else:
+            s = index_scores_kernel(qb, wb, keys, pos0 + t0, ratio=ratio, cfg=cfg, interpret=interpret)
+        ts, rs = s.shape[1:]
+        tok = jnp.arange(ts)
+        lim = jnp.where(tok < tt, jnp.minimum((pos0[:, None] + t0 + tok + 1) // ratio, r), 0)  # eligible rows
+        idx = topk_indices(s.reshape(b * ts, rs), lim.reshape(b * ts), top_k=top_k, cfg=cfg, interpret=interpret)
+        out.append(idx.reshape(b, ts, top_k)[:, :tt])
     return out[0] if len(out) == 1 else jnp.concatenate(out, axis=1)

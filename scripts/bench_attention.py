@@ -7,13 +7,14 @@ kernels one call launches (inputs rotated over copies larger than the L2); wall 
 calls (dispatch included). Achieved TB/s (decode: bytes that must be read) and TFLOP/s (prefill: FLOPs that
 must be done) are set against ceilings measured in the same run (a 4 GiB ``jnp.sum``; an 8192^3 bf16
 ``jnp.dot``). Where the default attention kernel is the Mosaic GPU one (SWA and HCA prefill, HCA decode of 8
-tokens or more: ``compressed_attention.use_mgpu``), the Pallas-Triton kernel is timed beside it. ``--by-kernel``
-also lists each decode step's kernels with their times; ``--sweep`` first times a few tile choices of each
-kernel. Prints markdown tables.
+tokens or more: ``compressed_attention.use_mgpu``) or the indexer's scoring the Mosaic GPU one (CSA prefill:
+``indexer_mgpu.use``), the Pallas-Triton kernels are timed beside it. ``--by-kernel`` also lists each decode
+step's kernels with their times, and each prefill's summed by kernel; ``--sweep`` first times a few tile choices
+of each kernel. Prints markdown tables.
 
     PYTHONPATH=. python scripts/bench_attention.py [--batch 1,32] [--decode 8192,131072,1048576]
         [--prefill 8192,32768,131072] [--reference-max 8192] [--kinds SWA,CSA,HCA] [--by-kernel] [--sweep]
-        [--sweep-decode B] [--sweep-indexer] [--sweep-prefill]
+        [--mosaic-indexer] [--sweep-decode B] [--sweep-indexer] [--sweep-prefill]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from cupti_timing import extension, median_kernel_ms, median_kernels_ms, median_
 from dsv4_jax import kernels
 from pallas_kernels import compressed_attention as CA
 from pallas_kernels import compressed_attention_mgpu as CM
+from pallas_kernels import indexer_mgpu as IM
 from pallas_kernels import indexer_topk as IX
 
 H, D, W, HI, DI, TOPK = 64, 512, 128, 64, 128, 512
@@ -95,7 +97,8 @@ def spread_selection(b: int, t: int, pos0: int) -> jax.Array:
 
 def layer_fn(kind: str, kernel: bool, t: int, triton: bool = False):
     """One layer's attention (+ indexer) for ``kind`` in SWA / CSA / HCA, kernel or reference path; ``triton``:
-    the Pallas-Triton attention kernel where the default would take the Mosaic GPU one."""
+    the Pallas-Triton kernels where the default would take a Mosaic GPU one (the attention of SWA / HCA, the
+    indexer's prefill scoring of CSA)."""
     dtype = jnp.bfloat16
     ratio = RATIO[kind]
 
@@ -105,7 +108,9 @@ def layer_fn(kind: str, kernel: bool, t: int, triton: bool = False):
             return CA.compressed_attention(q, kv, ring, pos0, sink, r, ratio=max(ratio, 1), mgpu=False)
         if kernel:
             sel = None
-            if kind == "CSA":
+            if kind == "CSA" and triton:
+                sel = IX.index_select(iq, iw, ikeys, pos0, ratio=4, top_k=TOPK, query_block=2048, mgpu=False)
+            elif kind == "CSA":
                 sel = kernels.index_select(iq, iw, ikeys, pos0, 4, TOPK, dtype, query_block=2048)
             return kernels.window_attention(q, kv, ring, pos0, r, sel, sink, ratio, dtype)
         sel = None
@@ -212,6 +217,33 @@ def sweep_indexer(key, mm: float, bw: float):
             continue
         rate = fl / ks / 1e9 if ks else 0.0
         print(f"{row} {_fmt(ks, 1.0, 2)} | {rate:.0f} | {100 * rate / mm:.0f} % | {_fmt(ka, 1.0, 2)} |", flush=True)
+    print("\nMosaic GPU scoring (`indexer_mgpu`), same tokens; and the last query block of a 128K prefill (2048 "
+          "tokens x 32K rows) against the Triton default:\n\n| stages | nk | 32K scoring ms | TFLOP/s | % of matmul "
+          "| + top-512 ms | 128K last block ms | TFLOP/s | Triton ms |\n|---|---|---|---|---|---|---|---|---|",
+          flush=True)
+    big = inputs(key, 1, 2048, 1, 32768)[5:]
+    p_big = jnp.full((1,), 131072 - 2048, jnp.int32)
+    fl_big = 2.0 * HI * DI * sum((131072 - 2048 + i + 1) // 4 for i in range(2048))
+    tri_big = measure(jax.jit(lambda q, w, k: IX.index_scores_kernel(q, w, k, p_big, ratio=4,
+                                                                      cfg=IX.default_config(2048, 32768))),
+                      [big], 5)[0]
+    for stages, nk in [(4, 0), (2, 0), (4, 64), (4, 16)]:
+        mc = IM.MgpuIndexConfig(stages=stages, nk=nk)
+        fs = jax.jit(lambda q, w, k, mc=mc: IM.index_scores_raw(q, w, k, pos0, ratio=4, cfg=mc))
+        fb = jax.jit(lambda q, w, k, mc=mc: IM.index_scores_raw(q, w, k, p_big, ratio=4, cfg=mc))
+        try:
+            ks, kb = measure(fs, [(iq, iw, ikeys)], 3)[0], measure(fb, [big], 5)[0]
+            ka = "-"
+            if mc == IM.default_config(DI):
+                fa = jax.jit(lambda *a: IX.index_select(*a, pos0, ratio=4, top_k=TOPK, query_block=2048, mgpu=True))
+                ka = _fmt(measure(fa, [(iq, iw, ikeys)], 3)[0], 1.0, 2)
+        except Exception as e:  # noqa: BLE001
+            print(f"| {stages} | {nk} | {type(e).__name__}: {str(e)[:160]} |", flush=True)
+            continue
+        rate, rate_b = (fl / ks / 1e9 if ks else 0.0), (fl_big / kb / 1e9 if kb else 0.0)
+        print(f"| {stages} | {nk} | {_fmt(ks, 1.0, 2)} | {rate:.0f} | {100 * rate / mm:.0f} % | {ka} | "
+              f"{_fmt(kb, 1.0, 3)} | {rate_b:.0f} | {_fmt(tri_big, 1.0, 3)} |", flush=True)
+    del big
     s = IX.index_scores_kernel(iq[:, -2048:], iw[:, -2048:], ikeys, pos0 + t - 2048, ratio=4, cfg=base)
     s = s.reshape(2048, -1)
     lim = (t - 2048 + jnp.arange(2048) + 1) // 4
@@ -306,7 +338,9 @@ def main():
     ap.add_argument("--prefill", default="8192,32768,131072")
     ap.add_argument("--kinds", default="SWA,CSA,HCA", help="layer types to time")
     ap.add_argument("--reference-max", type=int, default=8192, help="longest prefill run through the reference")
-    ap.add_argument("--by-kernel", action="store_true", help="also list each decode step's kernels and their times")
+    ap.add_argument("--by-kernel", action="store_true", help="also list the kernels of each decode step and prefill, with their times")
+    ap.add_argument("--mosaic-indexer", action="store_true",
+                    help="score CSA prefill with the Mosaic GPU indexer kernel (indexer_mgpu.ON_BY_DEFAULT)")
     ap.add_argument("--sweep", action="store_true", help="time a few tile choices first")
     ap.add_argument("--sweep-decode", type=int, default=0, metavar="B",
                     help="only time the decode kernel's tile choices at batch B (at the --decode contexts over 64K)")
@@ -317,6 +351,7 @@ def main():
     if unknown := set(wanted) - set(LAYERS):
         ap.error(f"--kinds: unknown layer types {sorted(unknown)} (SWA, CSA, HCA)")
     kinds = [k for k in LAYERS if k in wanted]
+    IM.ON_BY_DEFAULT = IM.ON_BY_DEFAULT or args.mosaic_indexer
     bw, mm = ceilings()
     print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}; measured ceilings: HBM read {bw:.2f} TB/s, "
           f"bf16 matmul {mm:.0f} TFLOP/s; CUPTI {'on' if extension() else 'off (wall times)'}", flush=True)
@@ -334,14 +369,15 @@ def main():
         sweep(key, mm, bw)
     batches = [int(c) for c in args.batch.split(",") if c]
     decode(key, batches[0], args.decode, bw, kinds, reference=True, by_kernel=args.by_kernel)
-    prefill(key, args.prefill, args.reference_max, mm, kinds)
+    prefill(key, args.prefill, args.reference_max, mm, kinds, by_kernel=args.by_kernel)
     for b in batches[1:]:
         decode(key, b, args.decode, bw, kinds, reference=False, by_kernel=args.by_kernel)
 
 
 def _triton(kind: str, b: int, t: int, argsets, scale: float = 1e3, digits: int = 1) -> str:
-    """The Triton attention kernel's time where the default takes the Mosaic GPU one (else "-")."""
-    if kind == "CSA" or not CA.use_mgpu(b, t, H, D, kind == "HCA"):
+    """The Triton kernels' time where the default takes a Mosaic GPU one (else "-")."""
+    mosaic = IM.use(t, HI, DI) if kind == "CSA" else CA.use_mgpu(b, t, H, D, kind == "HCA")
+    if not mosaic:
         return "-"
     try:
         k, wall = measure(layer_fn(kind, True, t, triton=True), argsets, 10 if t == 1 else 3)
@@ -394,19 +430,38 @@ def decode(key, b: int, contexts: str, bw: float, kinds: list[str], reference: b
               f"{kern / b:.3f} / {wall / b:.3f} ms)", flush=True)
 
 
-def prefill(key, lengths: str, reference_max: int, mm: float, kinds: list[str]):
+def by_name(parts: list[tuple[str, float]] | None, top: int = 8) -> str:
+    """A call's kernel times summed by kernel name, the largest first (``top`` of them, then the rest)."""
+    if parts is None:
+        return "no CUPTI, or the calls launched different kernels"
+    tot: dict[str, list[float]] = {}
+    for n, ms in parts:
+        tot.setdefault(n, [0.0, 0])
+        tot[n][0] += ms
+        tot[n][1] += 1
+    ranked = sorted(tot.items(), key=lambda kv: -kv[1][0])
+    out = [f"{n[:48]} {ms:.2f} ({c}x)" for n, (ms, c) in ranked[:top]]
+    if len(ranked) > top:
+        out.append(f"others {sum(ms for _, (ms, _) in ranked[top:]):.2f}")
+    return ", ".join(out)
+
+
+def prefill(key, lengths: str, reference_max: int, mm: float, kinds: list[str], by_kernel: bool = False):
     print("\n## Prefill from position 0, batch 1, one layer\n\n| layer | tokens | kernel ms | wall ms | TFLOP/s | "
           "% of matmul | Triton kernel ms | reference ms | peak GiB |\n|---|---|---|---|---|---|---|---|---|",
           flush=True)
+    launches = []
     for t in [int(c) for c in lengths.split(",") if c]:
         for kind in sorted(kinds, key=("SWA", "HCA", "CSA").index):
             a = inputs(key, 1, t, t // 128 if kind == "HCA" else t // 4, t // 4 if kind == "CSA" else 1)
             pos0 = jnp.zeros((1,), jnp.int32)
             try:
-                k, wall = measure(layer_fn(kind, True, t), [(*a, pos0)], 3 if t > 32768 else 5)
+                k, wall = measure(fn := layer_fn(kind, True, t), [(*a, pos0)], 3 if t > 32768 else 5)
             except Exception as e:  # noqa: BLE001
                 print(f"| {kind} | {t} | error: {type(e).__name__}: {str(e)[:200]} |", flush=True)
                 continue
+            if by_kernel:
+                launches.append(f"- {kind} at {t}: {by_name(median_kernels_ms(fn, [(*a, pos0)], 3))}")
             tr = "-"
             if t <= reference_max:
                 try:
@@ -420,6 +475,9 @@ def prefill(key, lengths: str, reference_max: int, mm: float, kinds: list[str]):
             print(f"| {kind} | {t} | {_fmt(k, 1.0, 2)} | {wall:.2f} | {fl / ms / 1e9:.0f} | "
                   f"{100 * fl / ms / 1e9 / mm:.0f} % | {tri} | {tr} | {peak:.1f} |", flush=True)
             del a
+    if launches:
+        print("\nKernels of one prefill (CUPTI, ms, medians of 3 calls, summed by name):\n", *launches, sep="\n",
+              flush=True)
 
 
 if __name__ == "__main__":
