@@ -101,11 +101,16 @@ class Config:
     def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> Config:
         """Build from a ``config.json`` dictionary (unknown keys are ignored): DeepSeek's keys as in the released
         checkpoints, or the schema transformers writes (``layer_types`` / ``mlp_layer_types`` / ``compress_rates``
-        / ``rope_parameters``; no MTP layer)."""
+        / ``rope_parameters``; no MTP layer). ``compress_ratios`` may list the main layers only (CHECKPOINT.md
+        §7.2.3): the MTP layers then get ratio 0."""
         if "layer_types" in d and "compress_ratios" not in d:
             from .weights import config_from_hf
 
             return config_from_hf(d, source)
+        n, n_mtp = d.get("num_hidden_layers"), d.get("num_nextn_predict_layers", cls.num_nextn_predict_layers)
+        r = d.get("compress_ratios")
+        if isinstance(r, (list, tuple)) and isinstance(n, int) and isinstance(n_mtp, int) and n_mtp > 0 and len(r) == n:
+            d = {**d, "compress_ratios": [*r, *[0] * n_mtp]}  # CHECKPOINT.md §7.2.3: the MTP entries may be left out
         kwargs: dict[str, Any] = {}
         missing = [f.name for f in dataclasses.fields(cls) if f.name not in d and f.name not in _OPTIONAL]
         if missing:
@@ -165,6 +170,12 @@ _OPTIONAL = {
     "hidden_act", "hc_sinkhorn_iters", "hc_eps", "bos_token_id", "eos_token_id", "tie_word_embeddings",
     "attention_bias", "max_position_embeddings", "rope_scaling",
 }
+
+
+def swiglu_bound(limit: float) -> float:
+    """The SwiGLU clip bound of ``swiglu_limit`` (§8.2): the official code clips only where the limit is positive
+    (``if self.swiglu_limit > 0``; its ``ModelArgs`` default is 0), so a limit <= 0 means no clip (``inf``)."""
+    return float(limit) if limit > 0 else float("inf")
 
 
 def _bool(v):

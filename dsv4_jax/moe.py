@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from . import quant, sharding
-from .config import Config
+from .config import Config, swiglu_bound
 from .params import Experts, MoE
 
 
@@ -42,8 +42,8 @@ def _linear(x: jax.Array, w, dtype, w4a4: bool) -> jax.Array:
 
 
 def swiglu(e: Experts, x: jax.Array, config: Config, dtype, w4a4: bool = False) -> jax.Array:
-    """§8.2: ``SiLU(min(x w1^T, L)) * clamp(x w3^T, -L, L)``, fp32 ``[..., I]``."""
-    lim = config.swiglu_limit
+    """§8.2: ``SiLU(min(x w1^T, L)) * clamp(x w3^T, -L, L)``, fp32 ``[..., I]``; no clip where ``L <= 0``."""
+    lim = swiglu_bound(config.swiglu_limit)
     a = jnp.minimum(_linear(x, e.w1, dtype, w4a4), lim)
     u = jnp.clip(_linear(x, e.w3, dtype, w4a4), -lim, lim)
     return jax.nn.silu(a) * u

@@ -915,12 +915,7 @@ def config_from_native(d: dict, source: str) -> Config:
         raise UnsupportedExpertDtype(
             f"{source}: key 'expert_dtype' is {ed!r}; only 'fp4' (MXFP4 / NVFP4 routed experts) is supported"
         )
-    d = dict(d)
-    n, n_mtp = d.get("num_hidden_layers"), d.get("num_nextn_predict_layers", 1)
-    r = d.get("compress_ratios")
-    if isinstance(r, list) and isinstance(n, int) and isinstance(n_mtp, int) and len(r) == n and n_mtp:
-        d["compress_ratios"] = r + [0] * n_mtp  # §7.2.3: the MTP entries may be left out
-    try:
+    try:  # (Config.from_dict pads compress_ratios listing the main layers only, §7.2.3)
         return Config.from_dict(d, source=source)
     except ConfigError as e:
         raise UnsupportedConfig(str(e)) from None

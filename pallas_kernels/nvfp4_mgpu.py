@@ -475,7 +475,9 @@ def nvfp4_moe_mgpu(x: jax.Array, ids: jax.Array, weights: jax.Array, w1: Nvfp4Pa
     t = ids.shape[0]
     if t == 0:
         return jnp.zeros((0, x.shape[1]), jnp.float32)
-    return _moe(x, ids, weights, w1, w2, w3, float(swiglu_limit), config or MoeMgpuConfig(), interpret)
+    from dsv4_jax.config import swiglu_bound
+
+    return _moe(x, ids, weights, w1, w2, w3, swiglu_bound(swiglu_limit), config or MoeMgpuConfig(), interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("limit", "cfg", "interpret"))

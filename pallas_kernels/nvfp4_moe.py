@@ -37,6 +37,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from dsv4_jax import quant
+from dsv4_jax.config import swiglu_bound
 
 from . import nvfp4_mgpu
 from .nvfp4_layout import UNDO_DECODE_SCALE, Nvfp4Packed, decode_asm, decode_int, decode_tile, unpack_nvfp4
@@ -443,21 +444,22 @@ def nvfp4_moe(x: jax.Array, ids: jax.Array, weights: jax.Array, w1: Nvfp4Packed,
               w3: Nvfp4Packed, swiglu_limit: float, *, config: MoeConfig | None = None,
               interpret: bool = False) -> jax.Array:
     """Routed experts, fp32 ``[T, D]``. ``x [T, D]`` (cast to bf16), ``ids, weights [T, k]``; stacked
-    packed weights ``w1, w3 [E, I, D]``, ``w2 [E, D, I]``."""
+    packed weights ``w1, w3 [E, I, D]``, ``w2 [E, D, I]``; ``swiglu_limit <= 0``: no clip (the official code's
+    meaning)."""
     t, k = ids.shape
     if t == 0:
         return jnp.zeros((0, x.shape[1]), jnp.float32)
     cfg = config or default_config(t * k)
     if cfg.schedule.startswith("mgpu") and config is None and not nvfp4_mgpu.moe_supported(w1, w2):
         cfg = default_config(t * k, mgpu=False)
-    return _moe(x, ids, weights, w1, w2, w3, float(swiglu_limit), cfg, interpret)
+    return _moe(x, ids, weights, w1, w2, w3, swiglu_bound(swiglu_limit), cfg, interpret)
 
 
 def nvfp4_moe_reference(x: jax.Array, ids: jax.Array, weights: jax.Array, w1: quant.Nvfp4, w2: quant.Nvfp4,
                         w3: quant.Nvfp4, swiglu_limit: float) -> jax.Array:
     """Reference (``moe.routed_experts`` in bf16 compute): per (token, expert) pair, exact bf16 weights,
     fp32 accumulation, global scales on the accumulators, routing weight on the hidden before w2."""
-    lim = swiglu_limit
+    lim = swiglu_bound(swiglu_limit)
 
     def one(xi, e, wi):
         def lin(v, w):

@@ -39,6 +39,17 @@ def test_flash_json_gives_the_flash_preset(tmp_path):
     assert c.mix_hc == 24
 
 
+def test_compress_ratios_may_leave_out_the_mtp_layers(tmp_path):
+    """CHECKPOINT.md §7.2.3: ``len(compress_ratios)`` is the main layers' count or that plus the MTP layers';
+    ``Config.from_json`` reads both (the MTP entry is 0), as ``load_model`` does."""
+    (tmp_path / "config.json").write_text(json.dumps(dict(FLASH_JSON, compress_ratios=[0, 0] + [4, 128] * 20 + [4])))
+    assert d.Config.from_json(tmp_path) == d.FLASH
+    two = dict(FLASH_JSON, num_nextn_predict_layers=2, compress_ratios=[0, 0] + [4, 128] * 20 + [4])
+    assert d.Config.from_dict(two).compress_ratios == d.FLASH.compress_ratios + (0,)
+    with pytest.raises(ConfigError, match="compress_ratios"):  # any other length is still refused
+        d.Config.from_dict(dict(FLASH_JSON, compress_ratios=[0, 0] + [4, 128] * 20))
+
+
 def test_round_trip_through_dict():
     for c in (d.FLASH, d.tiny(), d.tiny(mtp=False, hca_ratio=32), d.tiny(eos_token_id=(1, 7))):
         assert d.Config.from_dict(json.loads(json.dumps(c.to_dict()))) == c

@@ -84,6 +84,21 @@ def test_swiglu_clip_is_active_interpret(t, schedule, fma):
     assert rel(y, MO.nvfp4_moe_reference(x, ids, wts, *ws, 1.0)) < TOL
 
 
+@pytest.mark.parametrize("t,schedule", [(3, "pairs"), (20, "sorted")])
+def test_swiglu_limit_zero_means_no_clip_interpret(t, schedule):
+    """``swiglu_limit <= 0`` is no clip (the official code's meaning): the kernels equal the reference with a
+    limit far above every activation, and differ from the clipped result."""
+    r = rng()
+    ws, ps = experts(r)
+    ids, wts = routing(r, t, "random")
+    x = bf16(r, t, D, scale=40.0)
+    cfg = dataclasses.replace(SMALL, schedule=schedule)
+    y = MO.nvfp4_moe(x, ids, wts, *ps, 0.0, config=cfg, interpret=True)
+    free = MO.nvfp4_moe_reference(x, ids, wts, *ws, 1e30)
+    assert rel(y, free) < TOL and rel(MO.nvfp4_moe_reference(x, ids, wts, *ws, 0.0), free) == 0.0
+    assert rel(y, MO.nvfp4_moe_reference(x, ids, wts, *ws, 1.0)) > 0.1
+
+
 def _skip_some(r, ids, wts):
     """Mark about a third of the pairs -1 (another shard's expert) and give the independent check the same
     routing with those pairs' weights at zero instead."""

@@ -80,6 +80,19 @@ def test_moe_layer_with_clipped_shared_expert():
     assert np.abs(unclipped - shared).max() > 1e-2
 
 
+def test_swiglu_limit_zero_means_no_clip():
+    """The official ``Expert`` clips only ``if self.swiglu_limit > 0`` (its ``ModelArgs`` default is 0): a limit
+    of 0 (or below) leaves the SwiGLU unclipped, not every hidden at zero."""
+    e = MODEL.params.layers[3].ffn.shared
+    x = np.random.default_rng(4).standard_normal((5, C.hidden_size)).astype(np.float32) * 8
+    a, u = x @ _np(e.w1).T, x @ _np(e.w3).T
+    assert (a > 10).any() or (np.abs(u) > 10).any()  # the default limit would bind
+    want = a / (1 + np.exp(-a)) * u
+    for lim in (0.0, -1.0):
+        got = np.asarray(moe.swiglu(e, jnp.asarray(x), dataclasses.replace(C, swiglu_limit=lim), jnp.float32))
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
 def test_both_expert_evaluation_orders_agree():
     """Few tokens gather their experts; many tokens visit the experts one by one: the same numbers."""
     p = MODEL.params.layers[3].ffn
