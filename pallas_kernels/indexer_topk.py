@@ -319,6 +319,9 @@ def index_select(q: jax.Array, w: jax.Array, keys: jax.Array, pos0: jax.Array, *
     cfg = config or default_config(t, r, b)
     tb = t if query_block <= 0 else min(query_block, t)
     mgpu = indexer_mgpu.use(tb, hp, d, interpret) if mgpu is None else mgpu
+    if mgpu and not indexer_mgpu.supported(hp, d, indexer_mgpu.default_config(d)):
+        raise ValueError(f"the Mosaic GPU scoring takes {indexer_mgpu.HEADS} heads and d_I a multiple of 64 up to "
+                         f"256; got H_I={h}, d_I={d}")
     out = []
     for t0 in range(0, t, tb):
         qb, wb = q[:, t0:t0 + tb], w[:, t0:t0 + tb]

@@ -93,6 +93,9 @@ def test_shapes_and_dispatch_policy(monkeypatch):
     with pytest.raises(ValueError, match="64 heads"):
         IM.index_scores_mgpu(jnp.zeros((1, 4, 16, 128), jnp.bfloat16), jnp.zeros((1, 4, 16), jnp.float32),
                              jnp.zeros((1, 8, 128), jnp.bfloat16), jnp.zeros((1,), jnp.int32), ratio=4)
+    with pytest.raises(ValueError, match="64 heads"):  # asked for at a shape it does not take: refused by name
+        IX.index_select(jnp.zeros((1, 4, 16, 128), jnp.bfloat16), jnp.zeros((1, 4, 16), jnp.float32),
+                        jnp.zeros((1, 8, 128), jnp.bfloat16), jnp.zeros((1,), jnp.int32), ratio=4, top_k=2, mgpu=True)
     monkeypatch.setattr(IM, "available", lambda: True)
     monkeypatch.setattr(IM, "ON_BY_DEFAULT", False)
     assert not IM.use(2048, 64, 128)  # asked for (mgpu=True) until measured on a GPU
