@@ -307,7 +307,7 @@ def index_select(q: jax.Array, w: jax.Array, keys: jax.Array, pos0: jax.Array, *
     scores and selects that many tokens at a time (bounds the ``[T, R]`` score buffer). A head count ``H_I``
     that is not a power of two of at least 16 is padded with heads of zero weight. ``mgpu``: score with the
     Mosaic GPU kernel (:mod:`pallas_kernels.indexer_mgpu`); by default where :func:`indexer_mgpu.use` says
-    (not yet: see ``indexer_mgpu.ON_BY_DEFAULT``)."""
+    (prefill chunks of 64 heads on Hopper), ``False`` for the Triton scoring everywhere."""
     from . import indexer_mgpu
 
     b, t, h, d = q.shape

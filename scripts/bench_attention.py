@@ -14,7 +14,7 @@ of each kernel. Prints markdown tables.
 
     PYTHONPATH=. python scripts/bench_attention.py [--batch 1,32] [--decode 8192,131072,1048576]
         [--prefill 8192,32768,131072] [--reference-max 8192] [--kinds SWA,CSA,HCA] [--by-kernel] [--sweep]
-        [--mosaic-indexer] [--sweep-decode B] [--sweep-indexer] [--sweep-prefill]
+        [--no-mosaic-indexer] [--sweep-decode B] [--sweep-indexer] [--sweep-prefill]
 """
 
 from __future__ import annotations
@@ -173,7 +173,8 @@ def sweep_prefill(key, mm: float):
         idx = spread_selection(1, t, 0) if kind == "CSA" else None
         r = None if kind == "SWA" else rows
         fl = 4.0 * H * D * attention_keys(kind, t)
-        for bm, bk, nw, ns in cfgs:
+        for bm, bk, nw, ns in cfgs + ([(32, 32, 4, 2), (32, 64, 4, 3), (16, 64, 4, 2), (32, 64, 8, 2)]
+                                      if kind == "CSA" else []):
             if kind == "CSA" and bm > H:
                 continue
             cfg = CA.AttnConfig(bm=bm, bk=bk, num_warps=nw, num_stages=ns)
@@ -339,8 +340,8 @@ def main():
     ap.add_argument("--kinds", default="SWA,CSA,HCA", help="layer types to time")
     ap.add_argument("--reference-max", type=int, default=8192, help="longest prefill run through the reference")
     ap.add_argument("--by-kernel", action="store_true", help="also list the kernels of each decode step and prefill, with their times")
-    ap.add_argument("--mosaic-indexer", action="store_true",
-                    help="score CSA prefill with the Mosaic GPU indexer kernel (indexer_mgpu.ON_BY_DEFAULT)")
+    ap.add_argument("--no-mosaic-indexer", action="store_true",
+                    help="score CSA prefill with the Triton kernel only (indexer_mgpu.ON_BY_DEFAULT = False)")
     ap.add_argument("--sweep", action="store_true", help="time a few tile choices first")
     ap.add_argument("--sweep-decode", type=int, default=0, metavar="B",
                     help="only time the decode kernel's tile choices at batch B (at the --decode contexts over 64K)")
@@ -351,7 +352,7 @@ def main():
     if unknown := set(wanted) - set(LAYERS):
         ap.error(f"--kinds: unknown layer types {sorted(unknown)} (SWA, CSA, HCA)")
     kinds = [k for k in LAYERS if k in wanted]
-    IM.ON_BY_DEFAULT = IM.ON_BY_DEFAULT or args.mosaic_indexer
+    IM.ON_BY_DEFAULT = IM.ON_BY_DEFAULT and not args.no_mosaic_indexer
     bw, mm = ceilings()
     print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}; measured ceilings: HBM read {bw:.2f} TB/s, "
           f"bf16 matmul {mm:.0f} TFLOP/s; CUPTI {'on' if extension() else 'off (wall times)'}", flush=True)

@@ -29,6 +29,24 @@ def _ref(q, w, keys, pos0, ratio=4):
     return IX.index_scores_reference(q, w, keys, pos0[:, None] + jnp.arange(q.shape[1]), ratio)
 
 
+def _assert_within_rounding(s, q, w, keys, pos0):
+    """``s`` within one bf16 step of the fp32 reference score, plus what fp32 sums in another order may differ
+    by where terms cancel: 2^-16 of the score's magnitude ``sum_h |w_h| sum_i |q_hi k_i|`` (d + H terms of
+    fp32 rounding, 2^-24 each, with room)."""
+    s = np.asarray(s.astype(jnp.float32))
+    ref = np.asarray(_ref(q, w, keys, pos0))
+    mag = np.asarray(_ref(jnp.abs(q), jnp.abs(w), jnp.abs(keys), pos0))
+    fin = np.isfinite(ref)
+    assert (np.isfinite(s) == fin).all()
+    ulp = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(ref[fin]), 1e-30))) - 7)  # one bf16 step at the score
+    err = np.abs(s[fin] - ref[fin])
+    bound = ulp + mag[fin] * 2.0 ** -16
+    assert (err <= bound).all(), (f"{int((err > bound).sum())} of {err.size} scores off by more than the bound; "
+                                  f"worst excess {float((err - bound).max())}")
+    assert (err <= ulp).mean() > 0.99  # cancellation beyond one step is rare
+    return s[fin], ref[fin]
+
+
 # (B, T, rows, pos0, d, config): T not a multiple of the 4-token group and rows not of the 64-row step; a
 # sequence with no eligible row yet beside one deep in its cache; the rows split over programs (a last split
 # past every token's rows); 2 slots; more eligible rows than present ones (the limit is the row count).
@@ -60,13 +78,9 @@ def test_random_scores_within_one_rounding_interpret():
     w = jnp.asarray(r.standard_normal((b, t, 64)), jnp.float32)
     keys = jnp.asarray(r.standard_normal((b, n_rows, 128)), jnp.bfloat16)
     pos0 = jnp.asarray([500])
-    s = np.asarray(IM.index_scores_mgpu(q, w, keys, pos0, ratio=4, interpret=True).astype(jnp.float32))
-    ref = np.asarray(_ref(q, w, keys, pos0))
-    fin = np.isfinite(ref)
-    assert (np.isfinite(s) == fin).all()
-    ulp = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(ref[fin]), 1e-30))) - 7)  # one bf16 step at the score
-    assert (np.abs(s[fin] - ref[fin]) <= ulp).all()
-    assert (s[fin] == ref[fin]).mean() > 0.9
+    s, ref = _assert_within_rounding(IM.index_scores_mgpu(q, w, keys, pos0, ratio=4, interpret=True), q, w, keys,
+                                     pos0)
+    assert (s == ref).mean() > 0.9
 
 
 @pytest.mark.parametrize("t,n_rows,k,pos0,query_block", [(9, 150, 20, [0, 560], 0), (11, 300, 64, [100, 1100], 4)])
@@ -143,9 +157,4 @@ def test_gpu_scores_and_selection_equal_reference(b, t, n_rows, pos0, cfg):
     qn = jnp.asarray(r.standard_normal(q.shape), jnp.bfloat16)
     wn = jnp.asarray(r.standard_normal(w.shape), jnp.float32)
     kn = jnp.asarray(r.standard_normal(keys.shape), jnp.bfloat16)
-    sn = np.asarray(IM.index_scores_mgpu(qn, wn, kn, pos0, ratio=4, config=cfg).astype(jnp.float32))
-    refn = np.asarray(_ref(qn, wn, kn, pos0))
-    fin = np.isfinite(refn)
-    assert (np.isfinite(sn) == fin).all()
-    ulp = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(refn[fin]), 1e-30))) - 7)
-    assert (np.abs(sn[fin] - refn[fin]) <= ulp).all()
+    _assert_within_rounding(IM.index_scores_mgpu(qn, wn, kn, pos0, ratio=4, config=cfg), qn, wn, kn, pos0)

@@ -86,17 +86,20 @@ def test_greedy_generate_with_kernels_follows_forward(setup):
 
 def test_mosaic_attention_in_the_model_at_2k_tokens():
     """With 64 heads the window and HCA layers' prefill takes the Mosaic GPU attention kernel on a Hopper GPU
-    (``compressed_attention.use_mgpu``); the model's logits still equal the references' (same tolerance)."""
+    (``compressed_attention.use_mgpu``), and with 64 indexer heads the CSA layers' prefill scoring takes the
+    Mosaic GPU indexer (``indexer_mgpu.use``); the model's logits still equal the references' (same tolerance)."""
     from pallas_kernels import compressed_attention as CA
     from pallas_kernels import compressed_attention_mgpu as CM
+    from pallas_kernels import indexer_mgpu as IM
 
     if jax.default_backend() != "gpu" or not CM.available():
         pytest.skip("needs a Hopper GPU")
     c64 = d.tiny(hca_ratio=128, sliding_window=128, index_topk=64, vocab_size=1024, max_position_embeddings=4096,
-                 num_attention_heads=64)
+                 num_attention_heads=64, index_n_heads=64, index_head_dim=128)
     assert CA.use_mgpu(1, T, c64.num_attention_heads, c64.head_dim, dense=True)
+    assert IM.use(T, c64.index_n_heads, c64.index_head_dim)
     model = d.random_model(c64, seed=1)
     tokens = np.random.default_rng(1).integers(0, c64.vocab_size, (1, T))
     err = _per_position(_logits(model, tokens, True), _logits(model, tokens, False))
-    print(f"kernels (Mosaic attention) vs references: median {np.median(err):.2e}, p95 {np.quantile(err, 0.95):.2e}")
+    print(f"kernels (Mosaic attention and indexer) vs references: median {np.median(err):.2e}, p95 {np.quantile(err, 0.95):.2e}")
     assert np.median(err) < 0.02 and np.quantile(err, 0.95) < 0.1
