@@ -83,10 +83,24 @@ class ChatFormatError(ValueError):
     """An unknown reasoning mode or a malformed message list; the message names the problem."""
 
 
-def _is_thinking(thinking: str) -> bool:
-    if thinking not in THINKING_MODES:
-        raise ChatFormatError(f"unknown reasoning mode {thinking!r}: expected one of {THINKING_MODES}")
-    return thinking != "none"
+_MODE_ALIASES = {None: "none", False: "none", True: "high", "chat": "none", "thinking": "high", "xhigh": "max"}
+
+
+def reasoning_mode(thinking: Any) -> str:
+    """``thinking`` as one of :data:`THINKING_MODES`. Also taken: the official encoder's ``thinking_mode`` names
+    (``"chat"`` = none, ``"thinking"`` = high), a bool or None (off / high), and the API's ``"xhigh"`` (= max,
+    ENCODING.md §2.5)."""
+    if isinstance(thinking, str) and thinking in THINKING_MODES:
+        return thinking
+    mode = _MODE_ALIASES.get(thinking) if thinking is None or isinstance(thinking, (bool, str)) else None
+    if mode is None:
+        raise ChatFormatError(f"unknown reasoning mode {thinking!r}: expected one of {THINKING_MODES} "
+                              "(or 'chat' / 'thinking', True / False / None, 'xhigh')")
+    return mode
+
+
+def _is_thinking(thinking: Any) -> bool:
+    return reasoning_mode(thinking) != "none"
 
 
 def _json(value: Any) -> str:
@@ -274,7 +288,8 @@ def encode_chat(
     messages: OpenAI-style dicts with roles system, user, assistant, tool, developer, latest_reminder and keys
       ``content``, ``reasoning_content``, ``tool_calls`` (``function.arguments`` a JSON string or a dict),
       ``tool_call_id``, ``tools`` and ``response_format`` (system/developer), ``task``, ``wo_eos``.
-    thinking: "none" (Non-think), "high" (Think High) or "max" (Think Max), ENCODING.md §2.5.
+    thinking: "none" (Non-think), "high" (Think High) or "max" (Think Max), ENCODING.md §2.5 (aliases: see
+      :func:`reasoning_mode`).
     tools: request-level tools, attached as in the official fixtures (see ``_with_tools``).
     context: messages already in the KV cache: not rendered (no BOS, no Think-Max prefix), but the merging and
       reasoning-retention decisions see them (ENCODING.md §2.8).
@@ -286,7 +301,8 @@ def encode_chat(
     ending with an assistant message ends with that turn's EOS, or mid-turn with ``wo_eos`` (prefill).
     Returns the prompt text; ``Tokenizer.encode`` of it starts with BOS id 0 unless ``context`` is given.
     """
-    think = _is_thinking(thinking)
+    thinking = reasoning_mode(thinking)
+    think = thinking != "none"
     context = [] if context is None else context
     _validate(context, "context")
     _validate(messages, "messages")

@@ -77,9 +77,15 @@ class Tokenizer:
         if missing:
             raise ValueError(f"tokenizer lacks the DeepSeek-V4 chat tokens {missing} (ENCODING.md §1.2)")
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``; added tokens anywhere in the text become their ids. No BOS is prepended."""
-        return self.tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of ``text``; added tokens anywhere in the text become their ids. No BOS is prepended:
+        the official tokenizer adds nothing even with ``add_special_tokens=True`` (``add_bos_token: false``,
+        ENCODING.md §1.3); the keyword is accepted for code written against Hugging Face's tokenizers."""
+        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def __len__(self) -> int:
+        """:attr:`vocab_size`, as ``len()`` of a Hugging Face tokenizer."""
+        return self.vocab_size
 
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
         """Text of ``ids``. Only ``special=true`` tokens (BOS, EOS, pad, placeholders) are skipped if asked;

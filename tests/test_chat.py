@@ -316,7 +316,7 @@ def test_developer_messages_and_context():
 
 @pytest.mark.parametrize("messages, kwargs, match", [
     ([Q], {"thinking": "low"}, "unknown reasoning mode 'low'"),
-    ([Q], {"thinking": "chat"}, "unknown reasoning mode"),
+    ([Q], {"thinking": "medium"}, "unknown reasoning mode"),
     ([], {}, "messages is empty"),
     (Q, {}, "must be a list of message dicts"),
     (["hi"], {}, r"messages\[0\] must be a dict"),

@@ -617,3 +617,22 @@ def test_parse_deliberate_differences(off):
     assert off.parse_message_from_completion_text(text, "chat")["tool_calls"][0]["function"]["arguments"] == (
         f'{{"a": "{EOS}"}}')
     assert "text after EOS" in parse_completion(text)["errors"][-1]
+
+
+def test_mode_aliases_render_as_the_official_modes(off):
+    """The official encoder's own mode names, a bool or None, and the API's "xhigh" (ENCODING.md §2.5) give the
+    prompts of the official arguments they name; anything else is refused by name."""
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "A", "reasoning_content": "R"}, {"role": "user", "content": "Q"}]
+    chat = off.encode_messages(copy.deepcopy(messages), "chat")
+    high = off.encode_messages(copy.deepcopy(messages), "thinking")
+    top = off.encode_messages(copy.deepcopy(messages), "thinking", reasoning_effort="max")
+    assert len({chat, high, top}) == 3
+    for alias, want in [("chat", chat), (None, chat), (False, chat), ("thinking", high), (True, high),
+                        ("xhigh", top)]:
+        assert encode_chat(messages, thinking=alias) == want
+    assert parse_completion("R</think>A" + EOS, thinking=True)["reasoning_content"] == "R"
+    assert parse_completion("R</think>A" + EOS, thinking="chat")["content"] == "R</think>A"
+    for bad in ("low", "High", 1, 0, 1.0, ["high"]):
+        with pytest.raises(ChatFormatError, match="unknown reasoning mode"):
+            encode_chat(messages, thinking=bad)

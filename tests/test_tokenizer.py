@@ -30,6 +30,10 @@ def test_load_from_directory_file_and_missing_path(tok, tmp_path):
         load_tokenizer(tmp_path)
 
 
+def test_len_is_the_vocabulary(tok):
+    assert len(tok) == tok.vocab_size == 129280
+
+
 def test_chat_token_ids(tok):
     """ENCODING.md §1.2: ids of the tokens the chat format uses (V4 moved <think>/</think> from 128798/9)."""
     assert tok.vocab_size == 129280
@@ -72,6 +76,7 @@ def test_special_flags(tok):
 def test_sample_tokenizations(tok, text, ids):
     """ENCODING.md §1.4: exact ids; encode never adds BOS/EOS; decode inverts encode."""
     assert tok.encode(text) == ids
+    assert tok.encode(text, add_special_tokens=True) == ids  # §1.3: add_bos_token is false
     assert tok.decode(ids) == text
 
 
