@@ -52,24 +52,27 @@ def _check(o, q, kv, ring, pos0, sink, rows, idx, count, ratio=4):
     assert rel(o, ref) < ATTN_TOL
 
 
-# (B, T, d, W, R, k, pos0, count, holes): prefill from 0 (tokens with no visible row yet, then fewer than k)
-# beside a continued chunk whose window reaches into the ring; k not a multiple of the 64-key step and over one
-# step, rows past the selection's blocks; a count below the visible rows; -1 holes inside the lists; a chunk
-# longer than a 64-key block whose window straddles blocks; the head size 256 (two 64-column tiles a half).
+# (B, T, d, W, R, k, pos0, count, holes, programs): prefill from 0 (tokens with no visible row yet, then fewer
+# than k) beside a continued chunk whose window reaches into the ring, programs walking 2-3 tokens; k not a
+# multiple of the 64-key step and over one step, rows past the selection's blocks, a count below the visible
+# rows, -1 holes inside the lists, a program a token; a chunk longer than a 64-key block whose window straddles
+# blocks, 4 programs of 17-18 tokens (tokens of one key step and of several: the slots' cycle, the selections'
+# buffers and the output through the last key slot across tokens); the head size 256 (two column tiles a half).
 CASES = [
-    (2, 9, 128, 8, 40, 16, [0, 130], None, False),
-    (2, 6, 128, 16, 300, 100, [1000, 37], [200, 9], True),
-    (1, 70, 128, 72, 90, 20, [300], None, False),
-    (1, 3, 256, 8, 150, 70, [500], None, True),
+    (2, 9, 128, 8, 40, 16, [0, 130], None, False, 4),
+    (2, 6, 128, 16, 300, 100, [1000, 37], [200, 9], True, 0),
+    (1, 70, 128, 72, 90, 20, [300], None, False, 4),
+    (1, 3, 256, 8, 150, 70, [500], None, True, 2),
 ]
 
 
-@pytest.mark.parametrize("b,t,d,w,n_rows,k,pos0,count,holes", CASES)
-def test_kernel_equals_reference_interpret(b, t, d, w, n_rows, k, pos0, count, holes):
+@pytest.mark.parametrize("b,t,d,w,n_rows,k,pos0,count,holes,programs", CASES)
+def test_kernel_equals_reference_interpret(b, t, d, w, n_rows, k, pos0, count, holes, programs):
     mgpu_interpret_or_skip()
     args = _case(rng(b * 100 + t + k), b, t, d, w, n_rows, k, pos0, count=count, holes=holes)
     q, kv, ring, pos0, sink, rows, idx, count = args
-    o = SP.sparse_attention_mgpu(q, kv, ring, pos0, sink, rows, idx, ratio=4, count=count, interpret=True)
+    o = SP.sparse_attention_mgpu(q, kv, ring, pos0, sink, rows, idx, ratio=4, count=count,
+                                 config=SP.SparseAttnConfig(programs=programs), interpret=True)
     _check(o, *args)
 
 
@@ -89,6 +92,8 @@ def test_shapes_and_dispatch_policy(monkeypatch):
     assert not SP.supported(32, 512, 512) and not SP.supported(64, 576, 512) and not SP.supported(64, 512, 0)
     assert not SP.supported(64, 512, 512, SP.SparseAttnConfig(stages=3))  # 280 KB of shared memory
     assert not SP.supported(64, 512, 512, SP.SparseAttnConfig(bk=128))
+    assert SP.default_config(2048, 1).programs == 132 and SP.default_config(100, 2).programs == 66
+    assert SP.default_config(16, 4).programs == 0  # fewer tokens than programs: one a token
     with pytest.raises(ValueError, match="64 heads"):
         SP.sparse_attention_mgpu(jnp.zeros((1, 1, 8, 128), jnp.bfloat16), jnp.zeros((1, 1, 128), jnp.bfloat16),
                                  jnp.zeros((1, 4, 128), jnp.bfloat16), jnp.zeros((1,), jnp.int32),
