@@ -12,8 +12,6 @@
 * :mod:`.compressed_attention`  window + compressed-row attention (SWA / CSA / HCA), prefill and decode;
 * :mod:`.compressed_attention_mgpu`  the window and HCA layers (no selection) on Hopper in Mosaic GPU, which
   ``compressed_attention`` dispatches where it measured faster;
-* :mod:`.sparse_attention_mgpu`  CSA's attention (each token's selected rows gathered by TMA) on Hopper in Mosaic
-  GPU, which ``compressed_attention`` takes when asked (``mgpu=True``; not yet by default: untimed);
 * :mod:`.indexer_topk`  Lightning Indexer scoring and exact top-k selection;
 * :mod:`.indexer_mgpu`  the indexer's prefill scoring on Hopper in Mosaic GPU, which ``indexer_topk.index_select``
   dispatches;

@@ -304,15 +304,11 @@ def use_mgpu(b: int, t: int, h: int, d: int, dense: bool, idx: jax.Array | None 
     takes (64 heads, ``d`` a multiple of 128 up to 512), where it was measured faster (H200, BENCHMARKS.md,
     session 10): prefill chunks of 64 tokens or more, and steps of at least 8 tokens over compressed rows
     (HCA). Triton keeps the window alone at small T (one token's program there is a short chain of latencies,
-    7.6-8.5 against 14-15 us at batch 1-16) and HCA below 8 tokens a step. With a selection (CSA), the
-    gathering kernel of :mod:`pallas_kernels.sparse_attention_mgpu` where its ``use`` says (off until timed)."""
+    7.6-8.5 against 14-15 us at batch 1-16) and HCA below 8 tokens a step. A selection (CSA) stays with Triton:
+    gathering each token's rows by TMA on Hopper (one copy a row) was measured slower (BENCHMARKS.md, session 16)."""
     from . import compressed_attention_mgpu as mg
 
-    if idx is not None:
-        from . import sparse_attention_mgpu as sp
-
-        return dense and sp.use(t, h, d, idx.shape[2], interpret)
-    if interpret or not mg.supported(h, d):
+    if idx is not None or interpret or not mg.supported(h, d):
         return False
     return (t >= 64 or (dense and b * t >= 8)) and mg.available()
 
@@ -338,12 +334,8 @@ def compressed_attention(q: jax.Array, kv: jax.Array, ring: jax.Array, pos0: jax
         from . import compressed_attention_mgpu as mg
 
         if idx is not None:
-            from .sparse_attention_mgpu import sparse_attention_mgpu
-
-            if rows is None:
-                raise ValueError("a selection (idx) needs the compressed rows it indexes")
-            return sparse_attention_mgpu(q, kv, ring, pos0, sink, rows, idx, ratio=ratio, count=count,
-                                         interpret=interpret)
+            raise ValueError("the Mosaic GPU attention takes no selection (idx): CSA's gathered rows run in the "
+                             "Triton kernel (mgpu=False or None)")
         return mg.compressed_attention_mgpu(q, kv, ring, pos0, sink, rows, ratio=ratio, count=count,
                                             interpret=interpret)
     hp, dp = pl.next_power_of_2(h), pl.next_power_of_2(d)

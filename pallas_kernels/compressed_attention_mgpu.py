@@ -29,11 +29,17 @@ spills 424-448 bytes a thread, and runs one program an SM with nothing to overla
   work, and a fourth warpgroup is no option: 512 threads leave 128 registers a thread, and the ``64 x 256``
   accumulator's wgmma needs 154);
 * keys are visited as a list of ``bk``-row blocks: the ring (positions before the chunk, slot = position mod W),
-  the chunk's own window rows, then the compressed rows ``c < min((pos + 1) // ratio, count)``. A block that
-  would run past the end of its array starts earlier instead (``start = min(nominal, rows - bk)``) and masks the
-  rows before its nominal start, so no copy leaves its array and no row is counted twice. Every mask depends
-  on the key only (all rows of a program are one token), so it is a column predicate from ``iota``; a block of
-  rows wholly visible skips it.
+  the chunk's own window rows from the token's first one, then the compressed rows
+  ``c < min((pos + 1) // ratio, count)``. A block that would run past the end of its array starts earlier
+  instead (``start = min(nominal, rows - bk)``) and masks the rows before its nominal start, so no copy leaves
+  its array and no row is counted twice. Every mask depends on the key only (all rows of a program are one
+  token), so it is a column predicate from ``iota``; a block of rows wholly visible skips it;
+* shared-memory tiles are ``64`` columns wide (the 128-byte swizzle's width), so a ``[rows, 64]`` tile has the same
+  bytes under ``(1, 64)`` and ``(8, 64)`` tiling (``plgpu.RefUnion``): key rows land through the ``(1, 64)``
+  view, by one copy a column tile, at any row offset (Mosaic's TMA into ``(8, 64)`` tiles takes multiples of 8),
+  and wgmma reads the ``(8, 64)`` view: ``Q K^T`` as a sum over the ``d / 64`` column tiles, ``P @ V`` into
+  ``d / 128`` accumulators of ``64 x 64`` a warpgroup. So a token's window of W = 128 rows is two 64-key steps
+  (session 16; with row offsets rounded down to multiples of 8, 7 tokens in 8 took three).
 
 Numerics as the Triton kernel: fp32 scores and statistics (base 2, ``scale * log2 e`` folded into the scores),
 bf16 ``exp2(s - m_running)`` into ``P @ V``, fp32 sums; the sink is the initial maximum of split 0 with weight
@@ -132,8 +138,11 @@ def _kernel(meta_g, sink_g, q_g, kv_g, ring_g, rows_g, o_g, lse_g, scoped, *, t:
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     bk, stages, half = cfg.bk, cfg.stages, d // 2
+    ct = half // 64  # 64-column tiles of a half
     tp, wp, rp = kv_g.shape[1], ring_g.shape[1], rows_g.shape[1]  # padded to at least bk rows
-    (meta_s, sink_s, q_s, k_s, p_s, alpha_s, l_s, lse_s), (bars, k_bar, p_bar, pfree_bar, fin_bar, lfree_bar) = scoped
+    ((meta_s, sink_s, q_s, (k_cp, k_s), p_s, alpha_s, l_s, lse_s),
+     (bars, q_bar, k_bar, p_bar, pfree_bar, fin_bar, lfree_bar)) = scoped
+    k_cp = k_s if interpret else k_cp  # the interpreter does not alias a RefUnion's views (nor needs the (1, 64) one)
     pt, b, s = lax.axis_index("t"), lax.axis_index("b"), lax.axis_index("s")
     wg = lax.axis_index("wg")
     # A program walks the tokens pt, pt + nt, ... (one token where nt = t). With several, the next token's queries
@@ -145,7 +154,9 @@ def _kernel(meta_g, sink_g, q_g, kv_g, ring_g, rows_g, o_g, lse_g, scoped, *, t:
 
     def copy_q(tk):
         for hh in range(2):
-            plgpu.copy_gmem_to_smem(q_g.at[b, tk, :, pl.ds(hh * half, half)], q_s.at[hh], bars.at[2 + hh])
+            for c in range(ct):
+                plgpu.copy_gmem_to_smem(q_g.at[b, tk, :, pl.ds(hh * half + c * 64, 64)], q_s.at[hh, c],
+                                        q_bar.at[hh])
 
     @pl.when(wg == 2)
     def _first_copies():  # the first token's queries and the sinks do not wait for the meta row
@@ -163,7 +174,7 @@ def _kernel(meta_g, sink_g, q_g, kv_g, ring_g, rows_g, o_g, lse_g, scoped, *, t:
         """The key blocks of token ``tk``: (tk, pos, n_ring, j_lo, n_chunk, lim, lo, n)."""
         pos = pos0 + tk
         n_ring = first * (pos0 > 0).astype(jnp.int32) * (tk < w - 1).astype(jnp.int32) * (-(-wp // bk))
-        j_lo = lax.div(jnp.maximum(0, tk - w + 1), jnp.int32(8)) * 8  # TMA row offsets are multiples of 8
+        j_lo = jnp.maximum(0, tk - w + 1)  # the window's first row (any offset: copies into the (1, 64) view)
         n_chunk = first * lax.div(tk + bk - j_lo, jnp.int32(bk))
         if dense:
             lim = jnp.minimum(jnp.minimum(lax.div(pos + 1, jnp.int32(ratio)), cnt), r)
@@ -182,15 +193,16 @@ def _kernel(meta_g, sink_g, q_g, kv_g, ring_g, rows_g, o_g, lse_g, scoped, *, t:
         nom_rows = (lo + i - n_ring - n_chunk) * bk
         nominal = jnp.where(src == 0, nom_ring, jnp.where(src == 1, nom_chunk, nom_rows))
         last = jnp.where(src == 0, wp - bk, jnp.where(src == 1, tp - bk, rp - bk))
-        return src, pl.multiple_of(jnp.minimum(nominal, last), 8), nominal
+        return src, jnp.minimum(nominal, last), nominal
 
     def issue(pn, i, slot, hh):
         """TMA of half ``hh`` of step ``i``'s key tile into ``slot`` (by the warpgroup that reads it as V)."""
         src, start, _ = block(pn, i)
 
         def copy(ref):
-            plgpu.copy_gmem_to_smem(ref.at[b, pl.ds(start, bk), pl.ds(hh * half, half)],
-                                    k_s.at[slot, hh], k_bar.at[slot * 2 + hh])
+            for c in range(ct):
+                plgpu.copy_gmem_to_smem(ref.at[b, pl.ds(start, bk), pl.ds(hh * half + c * 64, 64)],
+                                        k_cp.at[slot, hh, c], k_bar.at[slot * 2 + hh])
 
         for sid, ref in ((0, ring_g), (1, kv_g), (2, rows_g)):
             if sid < 2 or dense:
@@ -213,8 +225,8 @@ def _kernel(meta_g, sink_g, q_g, kv_g, ring_g, rows_g, o_g, lse_g, scoped, *, t:
         def token(j, g):  # g: steps of the program's earlier tokens (the slots' and P's cycle runs on)
             pn = plan(pt + j * nt)
             tk, pos, _, _, _, lim, _, n = pn
-            plgpu.barrier_wait(bars.at[2])
-            plgpu.barrier_wait(bars.at[3])
+            plgpu.barrier_wait(q_bar.at[0])
+            plgpu.barrier_wait(q_bar.at[1])
 
             def step(i, carry):
                 m, l_ = carry
@@ -224,12 +236,13 @@ def _kernel(meta_g, sink_g, q_g, kv_g, ring_g, rows_g, o_g, lse_g, scoped, *, t:
                 plgpu.barrier_wait(k_bar.at[slot * 2 + 1])
 
                 if interpret:  # the interpreter runs no wgmma in a multi-warpgroup kernel: the same products
-                    k_lo, k_hi = k_s.at[slot, 0][...], k_s.at[slot, 1][...]
-                    sc = (_dot_nt(q_s.at[0][...], k_lo) + _dot_nt(q_s.at[1][...], k_hi)) * (scale * _LOG2E)
+                    sc = sum(_dot_nt(q_s.at[hh, c][...], k_s.at[slot, hh, c][...])
+                             for hh in range(2) for c in range(ct)) * (scale * _LOG2E)
                 else:
                     def qk(acc_ref):
-                        plgpu.wgmma(acc_ref, q_s.at[0], k_s.at[slot, 0].T)
-                        plgpu.wgmma(acc_ref, q_s.at[1], k_s.at[slot, 1].T)
+                        for hh in range(2):
+                            for c in range(ct):
+                                plgpu.wgmma(acc_ref, q_s.at[hh, c], k_s.at[slot, hh, c].T)
                         plgpu.wgmma_wait(0)
                         return acc_ref[...]
 
@@ -290,7 +303,7 @@ def _kernel(meta_g, sink_g, q_g, kv_g, ring_g, rows_g, o_g, lse_g, scoped, *, t:
     def _values():
         plgpu.set_max_registers(REGS_VALUES, action="increase")
         row = plgpu.Layout.WGMMA.reduce(1)
-        acc0 = plgpu.layout_cast(jnp.zeros((HEADS, half), jnp.float32), plgpu.Layout.WGMMA)
+        acc0 = plgpu.layout_cast(jnp.zeros((HEADS, 64), jnp.float32), plgpu.Layout.WGMMA)
 
         def refill(cur, go=True):
             """Issue this warpgroup's half of the next key tile in the program's order: ``cur`` = (token, step of
@@ -314,36 +327,40 @@ def _kernel(meta_g, sink_g, q_g, kv_g, ring_g, rows_g, o_g, lse_g, scoped, *, t:
             tk, n = pn[0], pn[-1]
 
             def step(i, c):
-                acc, cur = c
+                accs, cur = c
                 gi = g + i
                 slot, ps = lax.rem(gi, jnp.int32(stages)), lax.rem(gi, jnp.int32(2))
                 plgpu.barrier_wait(k_bar.at[slot * 2 + wg])  # this warpgroup's half of the key tile (V)
                 plgpu.barrier_wait(p_bar.at[ps])
-                alpha = plgpu.load(alpha_s.at[ps], layout=row)
-                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                alpha = lax.broadcast_in_dim(plgpu.load(alpha_s.at[ps], layout=row), (HEADS, 64), [0])
+                accs = tuple(a * alpha for a in accs)
                 if interpret:
-                    acc = acc + jnp.dot(p_s.at[ps][...], k_s.at[slot, wg][...], preferred_element_type=jnp.float32)
+                    accs = tuple(a + jnp.dot(p_s.at[ps][...], k_s.at[slot, wg, c][...],
+                                             preferred_element_type=jnp.float32) for c, a in enumerate(accs))
                 else:
-                    def pv(acc_ref):
-                        plgpu.wgmma(acc_ref, p_s.at[ps], k_s.at[slot, wg])
+                    def pv(acc_refs):
+                        for c, acc_ref in enumerate(acc_refs):
+                            plgpu.wgmma(acc_ref, p_s.at[ps], k_s.at[slot, wg, c])
                         plgpu.wgmma_wait(0)
 
-                    acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                    accs = pl.run_state(pv)(tuple(plgpu.ACC.init(a) for a in accs))
                 plgpu.barrier_arrive(pfree_bar.at[ps])
                 # this half of the slot is free (the scores warpgroup's Q K^T of step i came before P): refill it,
                 # except after a token's last step, whose slot first carries the output out
-                return acc, refill(cur, (i < n - 1) if multi else True)
+                return accs, refill(cur, (i < n - 1) if multi else True)
 
-            acc, cur = lax.fori_loop(0, n, step, (acc0, cur))
+            accs, cur = lax.fori_loop(0, n, step, ((acc0,) * ct, cur))
             plgpu.barrier_wait(fin_bar)
-            inv_l = 1.0 / plgpu.load(l_s, layout=row)
+            inv_l = lax.broadcast_in_dim(1.0 / plgpu.load(l_s, layout=row), (HEADS, 64), [0])
             if multi:
                 plgpu.barrier_arrive(lfree_bar)
-            o = acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])
             stage = k_s.at[lax.rem(g + n - 1, jnp.int32(stages)), wg] if multi else q_s.at[wg]
-            stage[...] = o.astype(jnp.bfloat16)
+            for c, a in enumerate(accs):
+                stage.at[c][...] = (a * inv_l).astype(jnp.bfloat16)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(stage, o_g.at[b, s, tk, :, pl.ds(pl.multiple_of(wg * half, 64), half)])
+            for c in range(ct):
+                col0 = pl.multiple_of(wg * half + c * 64, 64)
+                plgpu.copy_smem_to_gmem(stage.at[c], o_g.at[b, s, tk, :, pl.ds(col0, 64)])
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             if multi:
                 cur = refill(cur)
@@ -363,9 +380,8 @@ def _call(q, kv, ring, pos0, sink, rows, count, *, ratio: int, cfg: MgpuAttnConf
     r = rows.shape[1] if dense else 0
     splits = cfg.splits if dense else 1
 
-    def at_least(a, n_rows):  # every TMA block lies inside its array and starts at a multiple of 8 rows
-        n_rows = max(n_rows, -(-a.shape[1] // 8) * 8)
-        return a if a.shape[1] == n_rows else jnp.pad(a, ((0, 0), (0, n_rows - a.shape[1]), (0, 0)))
+    def at_least(a, n_rows):  # every copy of bk rows lies inside its array
+        return a if a.shape[1] >= n_rows else jnp.pad(a, ((0, 0), (0, n_rows - a.shape[1]), (0, 0)))
 
     kv = at_least(kv.astype(jnp.bfloat16), bk)
     ring = at_least(ring.astype(jnp.bfloat16), bk)
@@ -375,21 +391,27 @@ def _call(q, kv, ring, pos0, sink, rows, count, *, ratio: int, cfg: MgpuAttnConf
     cfg = dataclasses.replace(cfg, splits=splits)
     if _token_programs(t, cfg) < t and (splits > 1 or bk != HEADS):
         raise ValueError(f"programs walking several tokens take one split and 64-key steps; got {cfg}")
-    half = d // 2
+    ct = d // 128
     kernel = functools.partial(_kernel, t=t, w=w, r=r, ratio=ratio, dense=dense, cfg=cfg, d=d, scale=scale,
                                interpret=interpret)
-    ttile = smem_transforms(half, 16)
+    swizzle = plgpu.SwizzleTransform(128)
+    tiles = (plgpu.TilingTransform((8, 64)), swizzle)
 
     def entry(meta_g, sink_g, q_g, kv_g, ring_g, rows_g, o_g, lse_g):
+        # A [rows, 64] tile has the same bytes under (1, 64) and (8, 64) tiling: copies land through the first
+        # view at any row offset (under (8, 64) tiling Mosaic's TMA takes multiples of 8), wgmma reads the second
+        keys = plgpu.RefUnion(
+            plgpu.SMEM((cfg.stages, 2, ct, bk, 64), jnp.bfloat16, transforms=(plgpu.TilingTransform((1, 64)), swizzle)),
+            plgpu.SMEM((cfg.stages, 2, ct, bk, 64), jnp.bfloat16, transforms=tiles))
         scratch = [plgpu.SMEM((1, 4), jnp.int32), plgpu.SMEM((HEADS,), jnp.float32),
-                   plgpu.SMEM((2, HEADS, half), jnp.bfloat16, transforms=ttile),
-                   plgpu.SMEM((cfg.stages, 2, bk, half), jnp.bfloat16, transforms=ttile),
+                   plgpu.SMEM((2, ct, HEADS, 64), jnp.bfloat16, transforms=tiles), keys,
                    plgpu.SMEM((2, HEADS, bk), jnp.bfloat16, transforms=smem_transforms(bk, 16)),
                    plgpu.SMEM((2, HEADS), jnp.float32), plgpu.SMEM((HEADS,), jnp.float32),
                    plgpu.SMEM((HEADS,), jnp.float32)]
-        # first copies, key halves landed, P published, P slot free (both value warpgroups), final sums written,
-        # final sums read (both)
-        barriers = (plgpu.Barrier(num_barriers=4), plgpu.Barrier(num_barriers=2 * cfg.stages),
+        # meta and sinks, query halves (a copy a column tile), key halves landed (idem), P published, P slot free
+        # (both value warpgroups), final sums written, final sums read (both)
+        barriers = (plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_arrivals=ct, num_barriers=2),
+                    plgpu.Barrier(num_arrivals=ct, num_barriers=2 * cfg.stages),
                     plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_arrivals=2, num_barriers=2), plgpu.Barrier(),
                     plgpu.Barrier(num_arrivals=2))
         pl.run_scoped(lambda *a: kernel(meta_g, sink_g, q_g, kv_g, ring_g, rows_g, o_g, lse_g, a), scratch,

@@ -14,7 +14,7 @@ of each kernel. Prints markdown tables.
 
     PYTHONPATH=. python scripts/bench_attention.py [--batch 1,32] [--decode 8192,131072,1048576]
         [--prefill 8192,32768,131072] [--reference-max 8192] [--kinds SWA,CSA,HCA] [--by-kernel] [--sweep]
-        [--no-mosaic-indexer] [--mosaic-csa] [--sweep-decode B] [--sweep-indexer] [--sweep-prefill]
+        [--no-mosaic-indexer] [--sweep-decode B] [--sweep-indexer] [--sweep-prefill]
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from pallas_kernels import compressed_attention as CA
 from pallas_kernels import compressed_attention_mgpu as CM
 from pallas_kernels import indexer_mgpu as IM
 from pallas_kernels import indexer_topk as IX
-from pallas_kernels import sparse_attention_mgpu as SP
 
 H, D, W, HI, DI, TOPK = 64, 512, 128, 64, 128, 512
 LAYERS = {"SWA": 2, "CSA": 21, "HCA": 20}  # Flash's 43 layers
@@ -99,7 +98,7 @@ def spread_selection(b: int, t: int, pos0: int) -> jax.Array:
 def layer_fn(kind: str, kernel: bool, t: int, triton: bool = False):
     """One layer's attention (+ indexer) for ``kind`` in SWA / CSA / HCA, kernel or reference path; ``triton``:
     the Pallas-Triton kernels where the default would take a Mosaic GPU one (the attention of SWA / HCA, the
-    indexer's prefill scoring and, with ``--mosaic-csa``, the attention of CSA)."""
+    indexer's prefill scoring)."""
     dtype = jnp.bfloat16
     ratio = RATIO[kind]
 
@@ -190,15 +189,6 @@ def sweep_prefill(key, mm: float):
             ms = k or wall
             print(f"| {kind} | {bm} | {bk} | {nw} | {ns} | {ms:.2f} | {fl / ms / 1e9:.0f} | "
                   f"{100 * fl / ms / 1e9 / mm:.0f} % |", flush=True)
-        if kind == "CSA" and SP.available():  # the gathering Mosaic GPU kernel (one token a program, 2 slots)
-            f = jax.jit(lambda *a, r=r, idx=idx: SP.sparse_attention_mgpu(*a, r, idx, ratio=4))
-            try:
-                k, wall = measure(f, [(q, kv, ring, pos0, sink)], 5)
-                ms = k or wall
-                print(f"| CSA (Mosaic, gathered) | 64 heads | 64 | 3 warpgroups | 2 | {ms:.2f} | {fl / ms / 1e9:.0f} | "
-                      f"{100 * fl / ms / 1e9 / mm:.0f} % |", flush=True)
-            except Exception as e:  # noqa: BLE001
-                print(f"| CSA (Mosaic, gathered) | {type(e).__name__}: {str(e)[:300]} |", flush=True)
 
 
 def sweep_indexer(key, mm: float, bw: float):
@@ -353,8 +343,6 @@ def main():
     ap.add_argument("--by-kernel", action="store_true", help="also list the kernels of each decode step and prefill, with their times")
     ap.add_argument("--no-mosaic-indexer", action="store_true",
                     help="score CSA prefill with the Triton kernel only (indexer_mgpu.ON_BY_DEFAULT = False)")
-    ap.add_argument("--mosaic-csa", action="store_true",
-                    help="CSA prefill attention through the gathering Mosaic GPU kernel (sparse_attention_mgpu, opt-in)")
     ap.add_argument("--sweep", action="store_true", help="time a few tile choices first")
     ap.add_argument("--sweep-decode", type=int, default=0, metavar="B",
                     help="only time the decode kernel's tile choices at batch B (at the --decode contexts over 64K)")
@@ -366,7 +354,6 @@ def main():
         ap.error(f"--kinds: unknown layer types {sorted(unknown)} (SWA, CSA, HCA)")
     kinds = [k for k in LAYERS if k in wanted]
     IM.ON_BY_DEFAULT = IM.ON_BY_DEFAULT and not args.no_mosaic_indexer
-    SP.ON_BY_DEFAULT = SP.ON_BY_DEFAULT or args.mosaic_csa
     bw, mm = ceilings()
     print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}; measured ceilings: HBM read {bw:.2f} TB/s, "
           f"bf16 matmul {mm:.0f} TFLOP/s; CUPTI {'on' if extension() else 'off (wall times)'}", flush=True)
@@ -391,7 +378,7 @@ def main():
 
 def _triton(kind: str, b: int, t: int, argsets, scale: float = 1e3, digits: int = 1) -> str:
     """The Triton kernels' time where the default takes a Mosaic GPU one (else "-")."""
-    mosaic = (IM.use(t, HI, DI) or SP.use(t, H, D, TOPK)) if kind == "CSA" else CA.use_mgpu(b, t, H, D, kind == "HCA")
+    mosaic = IM.use(t, HI, DI) if kind == "CSA" else CA.use_mgpu(b, t, H, D, kind == "HCA")
     if not mosaic:
         return "-"
     try:

@@ -64,7 +64,7 @@ def test_dispatch_takes_the_mosaic_kernel_when_asked_interpret():
     q, kv, ring, rows, sink = _inputs(r, 1, 3, 256, 8, 12)
     pos0 = jnp.asarray([40])
     o = CA.compressed_attention(q, kv, ring, pos0, sink, rows, ratio=4, mgpu=True, interpret=True)
-    _check(o, q, kv, ring, pos0, sink, rows, ratio=4)  # (with a selection: tests/test_kernels_sparse_mgpu.py)
+    _check(o, q, kv, ring, pos0, sink, rows, ratio=4)
 
 
 def test_shapes_and_dispatch_policy(monkeypatch):
@@ -124,24 +124,26 @@ def test_kernel_lowers_for_hopper_on_cpu(b, t, n_rows, d):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("b,t,n_rows,ratio,pos0,count,splits", [
-    (1, 300, 0, 1, [0], None, 1),  # prefill, window only
-    (2, 200, 40, 128, [5000, 100], None, 1),  # continued chunks
-    (3, 1, 1000, 128, [130000, 5, 127], [900, 0, 1], None),  # decode, counts, the default splits
-    (4, 1, 8192, 128, [1048575, 1000000, 777, 300000], None, None),  # 1M tokens
-    (2, 1, 4096, 128, [524287, 9999], None, 8),
-    (40, 1, 64, 128, None, None, None)])  # a batch past the dispatch threshold, through the model's entry
-def test_gpu_kernel_equals_reference(b, t, n_rows, ratio, pos0, count, splits):
+@pytest.mark.parametrize("b,t,n_rows,ratio,pos0,count,splits,d", [
+    (1, 300, 0, 1, [0], None, 1, 512),  # prefill, window only (window rows from any offset)
+    (2, 200, 40, 128, [5000, 100], None, 1, 512),  # continued chunks
+    (2, 333, 90, 4, [0, 61], None, None, 256),  # d = 256 (two column tiles a half), resident programs
+    (1, 150, 20, 4, [3], None, None, 128),  # d = 128 (one column tile a half)
+    (3, 1, 1000, 128, [130000, 5, 127], [900, 0, 1], None, 512),  # decode, counts, the default splits
+    (4, 1, 8192, 128, [1048575, 1000000, 777, 300000], None, None, 512),  # 1M tokens
+    (2, 1, 4096, 128, [524287, 9999], None, 8, 512),
+    (40, 1, 64, 128, None, None, None, 512)])  # a batch past the dispatch threshold, through the model's entry
+def test_gpu_kernel_equals_reference(b, t, n_rows, ratio, pos0, count, splits, d):
     if not CM.available():
         pytest.skip("needs a Hopper GPU")
     r = rng(b + t)
-    q, kv, ring, rows, sink = _inputs(r, b, t, 512, 128, n_rows)
+    q, kv, ring, rows, sink = _inputs(r, b, t, d, 128, n_rows)
     if pos0 is None:
         pos0 = r.integers(n_rows * ratio, n_rows * ratio + 100, b)
     pos0 = jnp.asarray(pos0)
     count = None if count is None else jnp.asarray(count)
     if pos0.shape[0] == 40:
-        assert CA.use_mgpu(b, t, 64, 512, dense=True)
+        assert CA.use_mgpu(b, t, 64, d, dense=True)
         o = kernels.window_attention(q, kv, ring, pos0, rows, None, sink, ratio, jnp.bfloat16)
     else:
         cfg = None if splits is None else CM.MgpuAttnConfig(splits=splits)

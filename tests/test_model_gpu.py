@@ -104,22 +104,3 @@ def test_mosaic_attention_in_the_model_at_2k_tokens():
     print(f"kernels (Mosaic attention and indexer) vs references: median {np.median(err):.2e}, p95 {np.quantile(err, 0.95):.2e}")
     assert np.median(err) < 0.02 and np.quantile(err, 0.95) < 0.1
 
-
-def test_gathering_csa_attention_in_the_model_at_2k_tokens(monkeypatch):
-    """The CSA layers' prefill attention through the gathering Mosaic GPU kernel (``sparse_attention_mgpu``,
-    opt-in): the model's logits still equal the references' (same tolerance)."""
-    from pallas_kernels import compressed_attention as CA
-    from pallas_kernels import sparse_attention_mgpu as SP
-
-    if jax.default_backend() != "gpu" or not SP.available():
-        pytest.skip("needs a Hopper GPU")
-    monkeypatch.setattr(SP, "ON_BY_DEFAULT", True)
-    c64 = d.tiny(hca_ratio=128, sliding_window=128, index_topk=64, vocab_size=1024, max_position_embeddings=4096,
-                 num_attention_heads=64, index_n_heads=64, index_head_dim=128)
-    assert CA.use_mgpu(1, T, 64, c64.head_dim, True, np.zeros((1, T, c64.index_topk), np.int32))
-    model = d.random_model(c64, seed=2)
-    tokens = np.random.default_rng(2).integers(0, c64.vocab_size, (1, T))
-    err = _per_position(_logits(model, tokens, True), _logits(model, tokens, False))
-    print(f"kernels (gathering CSA attention) vs references: median {np.median(err):.2e}, "
-          f"p95 {np.quantile(err, 0.95):.2e}")
-    assert np.median(err) < 0.02 and np.quantile(err, 0.95) < 0.1
