@@ -1,5 +1,6 @@
-"""Shared helpers of the kernel tests: fresh random NVFP4 / FP8 weights, the error measure, and the skips of the
-Mosaic GPU tests on a jax without its interpreter or cross-platform lowering."""
+"""Shared helpers of the kernel tests: fresh random NVFP4 / FP8 weights, the error measures, the model's logits with
+and without its kernels, and the skips of the Mosaic GPU tests on a jax without its interpreter or cross-platform
+lowering."""
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +32,25 @@ def random_routing(r, t, n_experts, k):
     """``ids [t, k]`` int32 (distinct experts per token, from the first ``n_experts``) and fp32 weights."""
     ids = np.stack([r.choice(n_experts, k, replace=False) for _ in range(t)])
     return jnp.asarray(ids, jnp.int32), jnp.asarray(r.random((t, k)), jnp.float32)
+
+
+def model_logits(model, tokens, kernels_on: bool) -> np.ndarray:
+    """``forward``'s float32 logits with the GPU kernels (``kernels.ENABLED``) or the pure-JAX references; the
+    compiled programs are dropped before and after, as they were traced under the other setting."""
+    from dsv4_jax import forward, kernels
+
+    kernels.ENABLED = kernels_on
+    jax.clear_caches()
+    try:
+        return np.asarray(forward(model, tokens), np.float32)
+    finally:
+        kernels.ENABLED = True
+        jax.clear_caches()
+
+
+def per_position(a, b) -> np.ndarray:
+    """Each position's largest logit difference, relative to the largest logit of ``b``: ``[..., V]`` -> ``[...]``."""
+    return np.abs(a - b).max(-1) / np.abs(b).max()
 
 
 def rel(a, b) -> float:

@@ -10,26 +10,12 @@ widths, indexer heads), so these shapes take paths Flash's miniature in ``test_m
 import jax
 import numpy as np
 import pytest
+from kernel_utils import model_logits, per_position
 from test_config_sweep import CASES, DECODE
 
 import dsv4_jax as d
-from dsv4_jax import kernels
 
 pytestmark = pytest.mark.gpu
-
-
-def _logits(model, tokens, enabled: bool) -> np.ndarray:
-    kernels.ENABLED = enabled
-    jax.clear_caches()
-    try:
-        return np.asarray(d.forward(model, tokens), np.float32)
-    finally:
-        kernels.ENABLED = True
-        jax.clear_caches()
-
-
-def _per_position(a, b) -> np.ndarray:
-    return np.abs(a - b).max(-1) / np.abs(b).max()
 
 
 @pytest.fixture(autouse=True)
@@ -49,10 +35,10 @@ def test_kernels_equal_references(name):
     case = CASES[name]
     model = d.random_model(case.config, seed=21)
     tokens = np.random.default_rng(22).integers(0, case.config.vocab_size, (case.batch, case.t))
-    ref = _logits(model, tokens, False)
-    f32 = _logits(d.random_model(case.config, seed=21, dtype="float32"), tokens, False)
-    err = _per_position(_logits(model, tokens, True), ref)
-    noise = _per_position(ref, f32)
+    ref = model_logits(model, tokens, False)
+    f32 = model_logits(d.random_model(case.config, seed=21, dtype="float32"), tokens, False)
+    err = per_position(model_logits(model, tokens, True), ref)
+    noise = per_position(ref, f32)
     print(f"{name}: kernels vs references: median {np.median(err):.2e}, mean {err.mean():.2e}, "
           f"p95 {np.quantile(err, 0.95):.2e}; bf16 references vs float32: median {np.median(noise):.2e}, "
           f"mean {noise.mean():.2e}")
@@ -71,11 +57,11 @@ def test_decode_with_kernels_equals_forward(name):
     tokens = np.random.default_rng(24).integers(0, case.config.vocab_size, (case.batch, case.t))
     full = np.asarray(d.forward(model, tokens), np.float32)
     logits, cache = d.prefill(model, tokens[:, : lengths.max()], max_len=case.t, lengths=lengths)
-    errs = [_per_position(np.asarray(logits, np.float32)[b, :n], full[b, :n]) for b, n in enumerate(lengths)]
+    errs = [per_position(np.asarray(logits, np.float32)[b, :n], full[b, :n]) for b, n in enumerate(lengths)]
     rows = np.arange(case.batch)
     for k in range(end - lengths.max()):
         step, cache = d.decode_step(model, tokens[rows, lengths + k], cache)
-        errs.append(_per_position(np.asarray(step, np.float32), full[rows, lengths + k]))
+        errs.append(per_position(np.asarray(step, np.float32), full[rows, lengths + k]))
     err = np.concatenate(errs)
     print(f"{name}: decode vs forward (kernels): median {np.median(err):.2e}, mean {err.mean():.2e}, "
           f"max {err.max():.2e}")

@@ -5,29 +5,15 @@ ARCHITECTURE.md's model at 2K+ tokens, and decode after prefill with the kernels
 import jax
 import numpy as np
 import pytest
+from kernel_utils import model_logits, per_position
 
 import dsv4_jax as d
-from dsv4_jax import kernels
 from dsv4_jax.generation import decode_step, prefill
 
 pytestmark = pytest.mark.gpu
 
 C = d.tiny(hca_ratio=128, sliding_window=128, index_topk=64, vocab_size=1024, max_position_embeddings=4096)
 T = 2304
-
-
-def _logits(model, tokens, enabled):
-    kernels.ENABLED = enabled
-    jax.clear_caches()
-    try:
-        return np.asarray(d.forward(model, tokens))
-    finally:
-        kernels.ENABLED = True
-        jax.clear_caches()
-
-
-def _per_position(a, b):
-    return np.abs(a - b).max(-1) / np.abs(b).max()
 
 
 @pytest.fixture(scope="module")
@@ -43,22 +29,22 @@ def test_kernels_equal_references_at_2k_tokens(setup):
     """bf16 tolerance: the median position agrees to 2% of the logit scale and 95% of positions to 10% (bf16
     rounding, and rare routing / top-k flips that bf16 differences cause, ARCHITECTURE.md §11.2)."""
     model, tokens = setup
-    ref = _logits(model, tokens, False)
-    ker = _logits(model, tokens, True)
-    err = _per_position(ker, ref)
+    ref = model_logits(model, tokens, False)
+    ker = model_logits(model, tokens, True)
+    err = per_position(ker, ref)
     print(f"kernels vs references: median {np.median(err):.2e}, p95 {np.quantile(err, 0.95):.2e}, max {err.max():.2e}")
     assert np.median(err) < 0.02 and np.quantile(err, 0.95) < 0.1
 
 
 def test_decode_after_prefill_with_kernels(setup):
     model, tokens = setup
-    full = _logits(model, tokens[:, :T // 2 + 40], True)
+    full = model_logits(model, tokens[:, :T // 2 + 40], True)
     n0 = T // 2
     _, cache = prefill(model, tokens[:, :n0], max_len=T)
     errs = []
     for i in range(n0, n0 + 40):
         step, cache = decode_step(model, tokens[:, i], cache)
-        errs.append(_per_position(np.asarray(step), full[:, i]))
+        errs.append(per_position(np.asarray(step), full[:, i]))
     errs = np.concatenate(errs)
     print(f"decode vs forward (kernels): median {np.median(errs):.2e}, max {errs.max():.2e}")
     assert np.median(errs) < 0.02
@@ -100,7 +86,7 @@ def test_mosaic_attention_in_the_model_at_2k_tokens():
     assert IM.use(T, c64.index_n_heads, c64.index_head_dim)
     model = d.random_model(c64, seed=1)
     tokens = np.random.default_rng(1).integers(0, c64.vocab_size, (1, T))
-    err = _per_position(_logits(model, tokens, True), _logits(model, tokens, False))
+    err = per_position(model_logits(model, tokens, True), model_logits(model, tokens, False))
     print(f"kernels (Mosaic attention and indexer) vs references: median {np.median(err):.2e}, p95 {np.quantile(err, 0.95):.2e}")
     assert np.median(err) < 0.02 and np.quantile(err, 0.95) < 0.1
 
