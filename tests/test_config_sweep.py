@@ -76,6 +76,12 @@ CASES = {
     # its reference gets each HCA compressor at its own ratio (see hf_reference.hf_model).
     "mixed_hca_8_64_2": Case(_config((8, 4, 64, 2), num_hash_layers=1, sliding_window=16, index_topk=7), 140,
                              batch=1, decode=((56,), 140)),
+    # One indexer head: many rows score exactly 0 after the ReLU, so the top-k boundary falls among exact ties,
+    # which both implementations give to the lower index.
+    "one_index_head_zero_ties": Case(_config((0, 0, 4), mtp=False, num_attention_heads=2, o_groups=1, head_dim=64,
+                                             qk_rope_head_dim=64, sliding_window=34, index_n_heads=1,
+                                             index_topk=9, hc_mult=4, hc_sinkhorn_iters=3, n_routed_experts=2,
+                                             num_hash_layers=0, vocab_size=188), 60),
     # Three indexer heads of 128 dims; every head its own output group, rank 16; window 1 (the token itself).
     "index_h3_d128_groups4_w1": Case(_config((0, 4), index_n_heads=3, index_head_dim=128, o_groups=4,
                                              o_lora_rank=16, sliding_window=1), 30),
@@ -93,11 +99,20 @@ def _rel(a, b) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+def _stable_topk(x: torch.Tensor, k: int, dim: int = -1, largest: bool = True, sorted: bool = True):
+    """``torch.Tensor.topk`` with ties to the lower index, as ``lax.top_k`` (torch's CPU top-k breaks them in no
+    fixed order)."""
+    v, i = torch.sort(x, dim=dim, descending=largest, stable=True)
+    return torch.return_types.topk((v.narrow(dim, 0, k), i.narrow(dim, 0, k)))
+
+
 def _hf_run(hf, tokens: np.ndarray, **kwargs):
     """transformers' forward pass, and the smallest relative gap at a top-k boundary it met: the k-th vs (k+1)-th
     eligible indexer score of any query in any CSA layer (relative to the layer's largest score), and the k-th
     vs (k+1)-th biased expert score of any token in any learned-routing layer. Two fp32 implementations can only
-    be expected to select the same rows / experts where the gap is well above fp32 noise (§13 row 6)."""
+    be expected to select the same rows / experts where the gap is well above fp32 noise (§13 row 6). Exact ties
+    at 0 do not count: with few indexer heads many rows score exactly 0 after the ReLU in both implementations,
+    and both then take the lower index (transformers' top-k made stable here, as ``lax.top_k``)."""
     from transformers.models.deepseek_v4 import modeling_deepseek_v4 as hfm
 
     gaps = [np.inf]
@@ -108,7 +123,8 @@ def _hf_run(hf, tokens: np.ndarray, **kwargs):
         for ti in range(s.shape[1]):
             row = np.sort(s[:, ti, : (ti + 1) // 4], axis=-1)[:, ::-1]
             if row.shape[-1] > k:
-                gaps.append(float((row[:, k - 1] - row[:, k]).min() / np.abs(s).max()))
+                a, b = row[:, k - 1], row[:, k]
+                gaps.append(float(np.where((a == 0) & (b == 0), np.inf, a - b).min() / np.abs(s).max()))
 
     def router(module, args, out):  # (logits, weights, indices)
         s = (torch.sqrt(torch.nn.functional.softplus(out[0])) + module.e_score_correction_bias).double().numpy()
@@ -118,10 +134,12 @@ def _hf_run(hf, tokens: np.ndarray, **kwargs):
 
     hooks = [m.register_forward_hook(indexer) for m in hf.modules() if isinstance(m, hfm.DeepseekV4IndexerScorer)]
     hooks += [m.register_forward_hook(router) for m in hf.modules() if isinstance(m, hfm.DeepseekV4TopKRouter)]
+    topk, torch.Tensor.topk = torch.Tensor.topk, _stable_topk
     try:
         with torch.no_grad():
             out = hf(torch.from_numpy(tokens), use_cache=False, **kwargs)
     finally:
+        torch.Tensor.topk = topk
         for h in hooks:
             h.remove()
     return out, min(gaps)
