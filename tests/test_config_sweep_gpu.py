@@ -1,5 +1,5 @@
 """The GPU kernels over the structurally different configurations of ``test_config_sweep.py`` (heads 2-8, head
-widths 64-96 with 16-64 rotary dims, indexers of 3-4 heads x 32-128 dims with top-k 1-64, windows 1-32, HCA ratios
+widths 64-96 with 16-64 rotary dims, indexers of 1-4 heads x 32-128 dims with top-k 1-64, windows 1-34, HCA ratios
 2-128, hidden sizes 64-192): the model with its kernels (bf16, ``kernels.ENABLED``) against the same model with the
 pure-JAX references on the same GPU (measured against the bf16 noise of each configuration), and decode after a
 ragged prefill with the kernels against ``forward``. The kernels pad what they do not take natively (heads,
