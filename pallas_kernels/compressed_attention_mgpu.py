@@ -84,23 +84,14 @@ halves dynamically: the cause was not isolated)."""
 
 @dataclasses.dataclass(frozen=True)
 class MgpuAttnConfig:
-    """``bk`` keys a pipeline step (a multiple of ``cols``: ``P @ V``'s K spans whole swizzled tiles), ``stages``
+    """``bk`` keys a pipeline step (a multiple of 64: ``P @ V``'s K with 128-byte swizzled tiles), ``stages``
     shared-memory slots of ``[bk, d]`` bf16, ``splits`` programs over the compressed rows, ``programs`` along the
-    tokens of a chunk (0: one a token; fewer: each walks every ``programs``-th token, unsplit).
-
-    ``cols``: the width of the shared-memory column tiles, 64 (128-byte swizzle) or 32 (64-byte swizzle, which
-    32-key steps need: wgmma takes a ``P @ V`` of K = 32 only from tiles of at most 64-byte rows).
-    ``q_buffers``: 1, or 2 for programs walking several tokens: the next token's queries then load during the
-    whole current token (into the other buffer), and a token's output leaves through its own query tile; with
-    one buffer they load after the token's last ``Q K^T`` and the output leaves through the last step's key slot
-    (so 64-key steps). At d = 512 two buffers fit only beside 2 slots of 32 keys (``bk=32, cols=32``)."""
+    tokens of a chunk (0: one a token; fewer: each walks every ``programs``-th token, unsplit, 64-key steps)."""
 
     bk: int = 64
     stages: int = 2
     splits: int = 1
     programs: int = 0
-    cols: int = 64
-    q_buffers: int = 1
 
 
 def _token_programs(t: int, cfg: MgpuAttnConfig) -> int:
@@ -111,17 +102,16 @@ def _token_programs(t: int, cfg: MgpuAttnConfig) -> int:
 def smem_bytes(d: int, cfg: MgpuAttnConfig) -> int:
     """Shared memory of one program: the query tile, the key slots, two slots of P and of the rescale factors,
     the sinks, sums and log-sum-exps, Mosaic's own."""
-    return (cfg.q_buffers * 2 * HEADS * d + cfg.stages * cfg.bk * d * 2 + 2 * HEADS * cfg.bk * 2 + 5 * HEADS * 4
-            + 16 + MOSAIC_RESERVED)
+    return (2 * HEADS * d + cfg.stages * cfg.bk * d * 2 + 2 * HEADS * cfg.bk * 2 + 5 * HEADS * 4 + 16
+            + MOSAIC_RESERVED)
 
 
 def supported(h: int, d: int, cfg: MgpuAttnConfig | None = None) -> bool:
-    """Shapes the kernel takes: 64 heads, ``d`` a multiple of 128 up to 512 (each value warpgroup's half is
-    whole column tiles, at most wgmma's N of 256), steps of whole column tiles, and the tiles' shared memory
-    within one SM's."""
+    """Shapes the kernel takes: 64 heads, ``d`` a multiple of 128 up to 512 (each compute warpgroup's half is
+    whole 64-column tiles and at most wgmma's N of 256), and the tiles' shared memory within one SM's."""
     cfg = cfg or MgpuAttnConfig()
-    return (h == HEADS and d % 128 == 0 and 128 <= d <= 512 and cfg.cols in (32, 64) and cfg.bk % cfg.cols == 0
-            and cfg.stages >= 1 and cfg.q_buffers in (1, 2) and smem_bytes(d, cfg) <= SMEM_BYTES)
+    return (h == HEADS and d % 128 == 0 and 128 <= d <= 512 and cfg.bk % 64 == 0 and cfg.stages >= 1
+            and smem_bytes(d, cfg) <= SMEM_BYTES)
 
 
 def default_config(t: int, r: int, batch: int, d: int = 512, sms: int = 132) -> MgpuAttnConfig:
@@ -147,41 +137,32 @@ def _kernel(meta_g, sink_g, q_g, kv_g, ring_g, rows_g, o_g, lse_g, scoped, *, t:
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    bk, stages, half, cw = cfg.bk, cfg.stages, d // 2, cfg.cols
-    ct = half // cw  # column tiles of a half
+    bk, stages, half = cfg.bk, cfg.stages, d // 2
+    ct = half // 64  # 64-column tiles of a half
     tp, wp, rp = kv_g.shape[1], ring_g.shape[1], rows_g.shape[1]  # padded to at least bk rows
     ((meta_s, sink_s, q_s, (k_cp, k_s), p_s, alpha_s, l_s, lse_s),
      (bars, q_bar, k_bar, p_bar, pfree_bar, fin_bar, lfree_bar)) = scoped
     k_cp = k_s if interpret else k_cp  # the interpreter does not alias a RefUnion's views (nor needs the (1, 64) one)
     pt, b, s = lax.axis_index("t"), lax.axis_index("b"), lax.axis_index("s")
     wg = lax.axis_index("wg")
-    # A program walks the tokens pt, pt + nt, ... (one token where nt = t). With several, the next token's first
-    # key tiles load during the current one's last steps. With one query buffer the next token's queries load once
-    # the current one's last Q K^T is done, and the output leaves through the key slot of the token's last step (the
-    # queries' tile is by then the next token's); with two, token j's queries use buffer j % 2, token j + 1's load
-    # during the whole of token j, and the output leaves through the token's own query tile, whose next load (token
-    # j + 2's) each value warpgroup issues for its half once its output has left shared memory.
+    # A program walks the tokens pt, pt + nt, ... (one token where nt = t). With several, the next token's queries
+    # and first key tiles load during the current one's last steps, and the output leaves through the key slot of
+    # the token's last step (the queries' tile is by then the next token's).
     nt = _token_programs(t, cfg)
     multi = nt < t
-    qn = cfg.q_buffers if multi else 1
     items = lax.div(t - pt + (nt - 1), jnp.int32(nt)) if multi else 1
 
-    def copy_q(tk, qb, halves=(0, 1)):
-        for hh in halves:
+    def copy_q(tk):
+        for hh in range(2):
             for c in range(ct):
-                plgpu.copy_gmem_to_smem(q_g.at[b, tk, :, pl.ds(hh * half + c * cw, cw)], q_s.at[qb, hh, c],
-                                        q_bar.at[qb * 2 + hh])
-
-    def q_buffer(j):
-        return lax.rem(j, jnp.int32(qn)) if qn > 1 else 0
+                plgpu.copy_gmem_to_smem(q_g.at[b, tk, :, pl.ds(hh * half + c * 64, 64)], q_s.at[hh, c],
+                                        q_bar.at[hh])
 
     @pl.when(wg == 2)
     def _first_copies():  # the first token's queries and the sinks do not wait for the meta row
         plgpu.copy_gmem_to_smem(meta_g.at[pl.ds(b, 1)], meta_s, bars.at[0])
         plgpu.copy_gmem_to_smem(sink_g, sink_s, bars.at[1])
-        copy_q(pt, 0)
-        if qn > 1:
-            pl.when(items > 1)(lambda: copy_q(pt + nt, 1))
+        copy_q(pt)
 
     # Which keys: per-token scalars, computed alike by all three warpgroups once the meta row has landed.
     plgpu.barrier_wait(bars.at[0])
@@ -220,7 +201,7 @@ def _kernel(meta_g, sink_g, q_g, kv_g, ring_g, rows_g, o_g, lse_g, scoped, *, t:
 
         def copy(ref):
             for c in range(ct):
-                plgpu.copy_gmem_to_smem(ref.at[b, pl.ds(start, bk), pl.ds(hh * half + c * cw, cw)],
+                plgpu.copy_gmem_to_smem(ref.at[b, pl.ds(start, bk), pl.ds(hh * half + c * 64, 64)],
                                         k_cp.at[slot, hh, c], k_bar.at[slot * 2 + hh])
 
         for sid, ref in ((0, ring_g), (1, kv_g), (2, rows_g)):
@@ -244,9 +225,8 @@ def _kernel(meta_g, sink_g, q_g, kv_g, ring_g, rows_g, o_g, lse_g, scoped, *, t:
         def token(j, g):  # g: steps of the program's earlier tokens (the slots' and P's cycle runs on)
             pn = plan(pt + j * nt)
             tk, pos, _, _, _, lim, _, n = pn
-            qb = q_buffer(j)
-            plgpu.barrier_wait(q_bar.at[qb * 2])
-            plgpu.barrier_wait(q_bar.at[qb * 2 + 1])
+            plgpu.barrier_wait(q_bar.at[0])
+            plgpu.barrier_wait(q_bar.at[1])
 
             def step(i, carry):
                 m, l_ = carry
@@ -256,19 +236,19 @@ def _kernel(meta_g, sink_g, q_g, kv_g, ring_g, rows_g, o_g, lse_g, scoped, *, t:
                 plgpu.barrier_wait(k_bar.at[slot * 2 + 1])
 
                 if interpret:  # the interpreter runs no wgmma in a multi-warpgroup kernel: the same products
-                    sc = sum(_dot_nt(q_s.at[qb, hh, c][...], k_s.at[slot, hh, c][...])
+                    sc = sum(_dot_nt(q_s.at[hh, c][...], k_s.at[slot, hh, c][...])
                              for hh in range(2) for c in range(ct)) * (scale * _LOG2E)
                 else:
                     def qk(acc_ref):
                         for hh in range(2):
                             for c in range(ct):
-                                plgpu.wgmma(acc_ref, q_s.at[qb, hh, c], k_s.at[slot, hh, c].T)
+                                plgpu.wgmma(acc_ref, q_s.at[hh, c], k_s.at[slot, hh, c].T)
                         plgpu.wgmma_wait(0)
                         return acc_ref[...]
 
                     sc = pl.run_scoped(qk, plgpu.ACC((HEADS, bk), jnp.float32)) * (scale * _LOG2E)
-                if multi and qn == 1:  # the token's last read of its queries is done: the next token's may land
-                    pl.when((i == n - 1) & (j + 1 < items))(lambda: copy_q(tk + nt, 0))
+                if multi:  # the token's last read of its queries is done: the next token's may land
+                    pl.when((i == n - 1) & (j + 1 < items))(lambda: copy_q(tk + nt))
                 src, start, nominal = block(pn, i)
 
                 def masked():
@@ -323,8 +303,7 @@ def _kernel(meta_g, sink_g, q_g, kv_g, ring_g, rows_g, o_g, lse_g, scoped, *, t:
     def _values():
         plgpu.set_max_registers(REGS_VALUES, action="increase")
         row = plgpu.Layout.WGMMA.reduce(1)
-        acc0 = plgpu.layout_cast(jnp.zeros((HEADS, cw), jnp.float32), plgpu.Layout.WGMMA)
-        slot_out = multi and qn == 1  # the output leaves through the key slot of the token's last step
+        acc0 = plgpu.layout_cast(jnp.zeros((HEADS, 64), jnp.float32), plgpu.Layout.WGMMA)
 
         def refill(cur, go=True):
             """Issue this warpgroup's half of the next key tile in the program's order: ``cur`` = (token, step of
@@ -353,7 +332,7 @@ def _kernel(meta_g, sink_g, q_g, kv_g, ring_g, rows_g, o_g, lse_g, scoped, *, t:
                 slot, ps = lax.rem(gi, jnp.int32(stages)), lax.rem(gi, jnp.int32(2))
                 plgpu.barrier_wait(k_bar.at[slot * 2 + wg])  # this warpgroup's half of the key tile (V)
                 plgpu.barrier_wait(p_bar.at[ps])
-                alpha = lax.broadcast_in_dim(plgpu.load(alpha_s.at[ps], layout=row), (HEADS, cw), [0])
+                alpha = lax.broadcast_in_dim(plgpu.load(alpha_s.at[ps], layout=row), (HEADS, 64), [0])
                 accs = tuple(a * alpha for a in accs)
                 if interpret:
                     accs = tuple(a + jnp.dot(p_s.at[ps][...], k_s.at[slot, wg, c][...],
@@ -367,28 +346,24 @@ def _kernel(meta_g, sink_g, q_g, kv_g, ring_g, rows_g, o_g, lse_g, scoped, *, t:
                     accs = pl.run_state(pv)(tuple(plgpu.ACC.init(a) for a in accs))
                 plgpu.barrier_arrive(pfree_bar.at[ps])
                 # this half of the slot is free (the scores warpgroup's Q K^T of step i came before P): refill it,
-                # except after a token's last step where that slot first carries the output out
-                return accs, refill(cur, (i < n - 1) if slot_out else True)
+                # except after a token's last step, whose slot first carries the output out
+                return accs, refill(cur, (i < n - 1) if multi else True)
 
             accs, cur = lax.fori_loop(0, n, step, ((acc0,) * ct, cur))
             plgpu.barrier_wait(fin_bar)
-            inv_l = lax.broadcast_in_dim(1.0 / plgpu.load(l_s, layout=row), (HEADS, cw), [0])
+            inv_l = lax.broadcast_in_dim(1.0 / plgpu.load(l_s, layout=row), (HEADS, 64), [0])
             if multi:
                 plgpu.barrier_arrive(lfree_bar)
-            qb = q_buffer(j)
-            stage = k_s.at[lax.rem(g + n - 1, jnp.int32(stages)), wg] if slot_out else q_s.at[qb, wg]
+            stage = k_s.at[lax.rem(g + n - 1, jnp.int32(stages)), wg] if multi else q_s.at[wg]
             for c, a in enumerate(accs):
                 stage.at[c][...] = (a * inv_l).astype(jnp.bfloat16)
             plgpu.commit_smem()
             for c in range(ct):
-                col0 = pl.multiple_of(wg * half + c * cw, cw)
-                plgpu.copy_smem_to_gmem(stage.at[c], o_g.at[b, s, tk, :, pl.ds(col0, cw)])
+                col0 = pl.multiple_of(wg * half + c * 64, 64)
+                plgpu.copy_smem_to_gmem(stage.at[c], o_g.at[b, s, tk, :, pl.ds(col0, 64)])
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            if slot_out:
+            if multi:
                 cur = refill(cur)
-            elif qn > 1:  # this half of the token's query tile is free: token j + 2's queries may land there
-                for hh in range(2):
-                    pl.when((wg == hh) & (j + 2 < items))(functools.partial(copy_q, tk + 2 * nt, qb, (hh,)))
             return g + n, cur
 
         token_loop(token, (jnp.int32(0), cur))
@@ -414,30 +389,28 @@ def _call(q, kv, ring, pos0, sink, rows, count, *, ratio: int, cfg: MgpuAttnConf
     cnt = count.astype(jnp.int32) if count is not None else jnp.full((b,), r, jnp.int32)
     meta = jnp.stack([pos0.astype(jnp.int32), cnt, jnp.zeros_like(cnt), jnp.zeros_like(cnt)], axis=1)
     cfg = dataclasses.replace(cfg, splits=splits)
-    if _token_programs(t, cfg) < t and (splits > 1 or (bk != HEADS and cfg.q_buffers == 1)):
-        raise ValueError(f"programs walking several tokens take one split, and 64-key steps with one query buffer; "
-                         f"got {cfg}")
-    cw = cfg.cols
-    ct = d // 2 // cw
+    if _token_programs(t, cfg) < t and (splits > 1 or bk != HEADS):
+        raise ValueError(f"programs walking several tokens take one split and 64-key steps; got {cfg}")
+    ct = d // 128
     kernel = functools.partial(_kernel, t=t, w=w, r=r, ratio=ratio, dense=dense, cfg=cfg, d=d, scale=scale,
                                interpret=interpret)
-    swizzle = plgpu.SwizzleTransform(2 * cw)
-    tiles = (plgpu.TilingTransform((8, cw)), swizzle)
+    swizzle = plgpu.SwizzleTransform(128)
+    tiles = (plgpu.TilingTransform((8, 64)), swizzle)
 
     def entry(meta_g, sink_g, q_g, kv_g, ring_g, rows_g, o_g, lse_g):
-        # A [rows, cw] tile has the same bytes under (1, cw) and (8, cw) tiling: copies land through the first
-        # view at any row offset (under (8, cw) tiling Mosaic's TMA takes multiples of 8), wgmma reads the second
+        # A [rows, 64] tile has the same bytes under (1, 64) and (8, 64) tiling: copies land through the first
+        # view at any row offset (under (8, 64) tiling Mosaic's TMA takes multiples of 8), wgmma reads the second
         keys = plgpu.RefUnion(
-            plgpu.SMEM((cfg.stages, 2, ct, bk, cw), jnp.bfloat16, transforms=(plgpu.TilingTransform((1, cw)), swizzle)),
-            plgpu.SMEM((cfg.stages, 2, ct, bk, cw), jnp.bfloat16, transforms=tiles))
+            plgpu.SMEM((cfg.stages, 2, ct, bk, 64), jnp.bfloat16, transforms=(plgpu.TilingTransform((1, 64)), swizzle)),
+            plgpu.SMEM((cfg.stages, 2, ct, bk, 64), jnp.bfloat16, transforms=tiles))
         scratch = [plgpu.SMEM((1, 4), jnp.int32), plgpu.SMEM((HEADS,), jnp.float32),
-                   plgpu.SMEM((cfg.q_buffers, 2, ct, HEADS, cw), jnp.bfloat16, transforms=tiles), keys,
+                   plgpu.SMEM((2, ct, HEADS, 64), jnp.bfloat16, transforms=tiles), keys,
                    plgpu.SMEM((2, HEADS, bk), jnp.bfloat16, transforms=smem_transforms(bk, 16)),
                    plgpu.SMEM((2, HEADS), jnp.float32), plgpu.SMEM((HEADS,), jnp.float32),
                    plgpu.SMEM((HEADS,), jnp.float32)]
         # meta and sinks, query halves (a copy a column tile), key halves landed (idem), P published, P slot free
         # (both value warpgroups), final sums written, final sums read (both)
-        barriers = (plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_arrivals=ct, num_barriers=2 * cfg.q_buffers),
+        barriers = (plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_arrivals=ct, num_barriers=2),
                     plgpu.Barrier(num_arrivals=ct, num_barriers=2 * cfg.stages),
                     plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_arrivals=2, num_barriers=2), plgpu.Barrier(),
                     plgpu.Barrier(num_arrivals=2))

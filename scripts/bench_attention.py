@@ -191,44 +191,6 @@ def sweep_prefill(key, mm: float):
                   f"{100 * fl / ms / 1e9 / mm:.0f} % |", flush=True)
 
 
-def sweep_mosaic(key, mm: float, lengths: list[int]):
-    """The Mosaic GPU window / HCA kernel's prefill configurations (query buffers, key step, column tiles): kernel
-    time and rate, and each output's difference from the default configuration's (same inputs)."""
-    print("\n## Mosaic GPU prefill configurations\n\nPrefill attention from position 0, batch 1 (kernel only; "
-          "diff = relative L2 difference from the default's output):\n\n"
-          "| layer | tokens | bk | cols | query buffers | ms | TFLOP/s | % of matmul | diff |\n"
-          "|---|---|---|---|---|---|---|---|---|", flush=True)
-    pos0 = jnp.zeros((1,), jnp.int32)
-    for t in lengths:
-        for kind in ("SWA", "HCA"):
-            q, kv, ring, rows, sink, *_ = inputs(key, 1, t, t // 128, 1)
-            r = None if kind == "SWA" else rows
-            fl = 4.0 * H * D * attention_keys(kind, t)
-            base = CM.default_config(t, 0 if r is None else r.shape[1], 1, D, CA.sm_count())
-            ref = None
-            for bk, cols, qn in ((base.bk, base.cols, base.q_buffers), (32, 32, 2), (64, 64, 2)):
-                cfg = dataclasses.replace(base, bk=bk, cols=cols, q_buffers=qn)
-                if not CM.supported(H, D, cfg):
-                    print(f"| {kind} | {t} | {bk} | {cols} | {qn} | does not fit ({CM.smem_bytes(D, cfg)} bytes "
-                          "of shared memory) |", flush=True)
-                    continue
-                f = jax.jit(lambda *a, cfg=cfg, r=r, kind=kind: CM.compressed_attention_mgpu(
-                    *a, r, ratio=max(RATIO[kind], 1), config=cfg))
-                try:
-                    k, wall = measure(f, [(q, kv, ring, pos0, sink)], 5)
-                    o = f(q, kv, ring, pos0, sink)
-                except Exception as e:  # noqa: BLE001
-                    print(f"| {kind} | {t} | {bk} | {cols} | {qn} | {type(e).__name__}: {str(e)[:160]} |", flush=True)
-                    continue
-                ref = o if ref is None else ref
-                diff = float(jnp.linalg.norm((o - ref).astype(jnp.float32))
-                             / jnp.linalg.norm(ref.astype(jnp.float32)))
-                ms = k or wall
-                print(f"| {kind} | {t} | {bk} | {cols} | {qn} | {ms:.2f} | {fl / ms / 1e9:.0f} | "
-                      f"{100 * fl / ms / 1e9 / mm:.0f} % | {diff:.1e} |", flush=True)
-                del o
-
-
 def sweep_indexer(key, mm: float, bw: float):
     """Tile choices of the indexer (scoring tiles; ``bits``/``chunk``: the top-k's radix passes): scoring alone and
     scoring + top-512, prefill at 32K and decode at 1M cached tokens (batches 1 and 32)."""
@@ -386,8 +348,6 @@ def main():
                     help="only time the decode kernel's tile choices at batch B (at the --decode contexts over 64K)")
     ap.add_argument("--sweep-indexer", action="store_true", help="only time the indexer's tile choices")
     ap.add_argument("--sweep-prefill", action="store_true", help="only time the prefill attention's tile choices")
-    ap.add_argument("--sweep-mosaic", action="store_true",
-                    help="only time the Mosaic GPU window / HCA kernel's prefill configurations (at --prefill)")
     args = ap.parse_args()
     wanted = args.kinds.split(",")
     if unknown := set(wanted) - set(LAYERS):
@@ -400,9 +360,6 @@ def main():
     key = jax.random.PRNGKey(0)
     if args.sweep_prefill:
         sweep_prefill(key, mm)
-        return
-    if args.sweep_mosaic:
-        sweep_mosaic(key, mm, [int(c) for c in args.prefill.split(",") if c])
         return
     if args.sweep_indexer:
         sweep_indexer(key, mm, bw)

@@ -42,11 +42,6 @@ CASES = [
     (3, 1, 16, 70, 4, [281, 2, 130], [60, 0, 33], CM.MgpuAttnConfig(splits=3)),
     (2, 1, 16, 70, 4, [281, 150], None, CM.MgpuAttnConfig(splits=2)),
     (1, 70, 72, 90, 1, [100], None, CM.MgpuAttnConfig(programs=3)),
-    # two query buffers (token j + 2's queries load into token j's tile once its output has left), with 64- and
-    # 32-key steps (32-column tiles, 64-byte swizzle); 32-key steps in decode, split
-    (1, 70, 72, 90, 1, [100], None, CM.MgpuAttnConfig(programs=3, q_buffers=2)),
-    (2, 41, 40, 30, 4, [0, 77], None, CM.MgpuAttnConfig(bk=32, cols=32, programs=4, q_buffers=2)),
-    (3, 1, 16, 70, 4, [281, 2, 130], [60, 0, 33], CM.MgpuAttnConfig(bk=32, cols=32, splits=3)),
 ]
 
 
@@ -77,8 +72,6 @@ def test_shapes_and_dispatch_policy(monkeypatch):
     assert not CM.supported(32, 512) and not CM.supported(64, 576) and not CM.supported(64, 1024)
     assert not CM.supported(64, 512, CM.MgpuAttnConfig(bk=32))  # P @ V's K: whole 64-row swizzled tiles
     assert not CM.supported(64, 512, CM.MgpuAttnConfig(stages=3))  # 256 KB of shared memory
-    assert CM.supported(64, 512, CM.MgpuAttnConfig(bk=32, cols=32, q_buffers=2))  # 211 KB
-    assert not CM.supported(64, 512, CM.MgpuAttnConfig(q_buffers=2))  # 285 KB
     with pytest.raises(ValueError, match="64 heads"):
         CM.compressed_attention_mgpu(*[jnp.zeros(s, jnp.bfloat16) for s in ((1, 1, 8, 128), (1, 1, 128),
                                                                            (1, 4, 128))],
