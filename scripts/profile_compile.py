@@ -1,11 +1,11 @@
 """Where the compile time of the model's programs goes, on the default backend.
 
-Lowers and compiles one program of a random model (``forward`` over ``--tokens`` tokens, one ``prefill`` chunk of
-``--chunk`` tokens into a cache of ``--tokens``, or one ``decode_step``), with the GPU kernels or the pure-JAX
-references, under JAX's profiler; then runs it a few times. Prints the lowering and compile times, the median run
-time, and the host-side compiler events that took longest in total (XLA's passes, the modules it compiles for
-autotuning, PTX to cubin, ...). Pass XLA flags through ``XLA_FLAGS`` (they apply to every program of the process)
-or per program with ``--option name=value`` (XLA debug options, e.g. ``xla_gpu_autotune_level=0``).
+Lowers and compiles one program of a random model (``forward`` over ``--tokens`` tokens, one ``prefill`` chunk
+of ``--chunk`` tokens into a cache of ``--tokens``, or one ``decode_step``), with the GPU kernels or the pure-JAX
+references, under JAX's profiler; then runs it a few times. Prints the lowering and compile times, the median
+run time, and the host-side compiler events that took longest in total (XLA's passes, the modules it compiles
+for autotuning, PTX to cubin, ...). Pass XLA flags through ``XLA_FLAGS`` (they apply to every program of the
+process) or per program with ``--option name=value`` (XLA debug options, e.g. ``xla_gpu_autotune_level=0``).
 
 Usage: python scripts/profile_compile.py [--program forward|prefill|decode] [--references] [--option k=v]...
 The default model is the GPU model tests' tiny configuration (``tests/test_model_gpu.py``) at 2304 tokens.
@@ -72,11 +72,14 @@ def host_events(trace_dir: str, top: int) -> list[tuple[str, float, int]]:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--program", choices=("forward", "prefill", "decode"), default="forward")
-    ap.add_argument("--references", action="store_true", help="the pure-JAX references instead of the kernels")
-    ap.add_argument("--tokens", type=int, default=2304, help="forward: tokens; prefill and decode: cache length")
+    ap.add_argument("--references", action="store_true",
+                    help="the pure-JAX references instead of the kernels")
+    ap.add_argument("--tokens", type=int, default=2304,
+                    help="forward: tokens; prefill and decode: cache length")
     ap.add_argument("--chunk", type=int, default=512, help="prefill chunk")
     ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--option", action="append", default=[], metavar="NAME=VALUE", help="an XLA compile option")
+    ap.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                    help="an XLA compile option")
     ap.add_argument("--top", type=int, default=25, help="compiler events listed")
     ap.add_argument("--runs", type=int, default=7)
     args = ap.parse_args()
@@ -105,21 +108,26 @@ def main():
     t2 = time.perf_counter()
     times = []
     for _ in range(args.runs):
-        fresh = jax.block_until_ready(jax.tree.map(lambda a: a.copy() if isinstance(a, jax.Array) else a, run_args))
+        # a step's cache is donated: a fresh copy each run
+        fresh = jax.block_until_ready(
+            jax.tree.map(lambda a: a.copy() if isinstance(a, jax.Array) else a, run_args))
         s = time.perf_counter()
-        jax.block_until_ready(exe(*fresh))  # a step's cache is donated: a fresh copy each run
+        jax.block_until_ready(exe(*fresh))
         times.append(time.perf_counter() - s)
     run = statistics.median(times[1:] if len(times) > 1 else times)
 
+    chunk = f", chunk {args.chunk}" if args.program == "prefill" else ""
+    path = "kernels" if kernels.attention_kernels(model.dtype) else "references"
     print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}; {args.program} of the tiny GPU-test model "
-          f"({config.num_hidden_layers} layers), batch {args.batch}, {args.tokens} tokens"
-          f"{f', chunk {args.chunk}' if args.program == 'prefill' else ''}; "
-          f"{'kernels' if kernels.attention_kernels(model.dtype) else 'references'}; options {options or 'none'}\n")
-    print(f"lowering {t1 - t0:.1f} s, compile {t2 - t1:.1f} s, run {1e3 * run:.2f} ms (median of {args.runs})\n")
+          f"({config.num_hidden_layers} layers), batch {args.batch}, {args.tokens} tokens{chunk}; {path}; "
+          f"options {options or 'none'}\n")
+    print(f"lowering {t1 - t0:.1f} s, compile {t2 - t1:.1f} s, run {1e3 * run:.2f} ms "
+          f"(median of {args.runs})\n")
     print("| compiler event (host) | total s | count |\n|---|---|---|")
     for name, secs, count in host_events(trace_dir, args.top):
         print(f"| {name[:100]} | {secs:.2f} | {count} |")
-    print("\n(Totals add up over threads and nested events: an event's time includes the events inside it.)")
+    print("\n(Totals add up over threads and nested events: an event's time includes the events inside "
+          "it.)")
 
 
 if __name__ == "__main__":
