@@ -16,7 +16,7 @@ TINY_SEED = 0
 
 
 def cache_root() -> Path:
-    """``$DSV4_JAX_CACHE`` or ``~/.cache/dsv4_jax``."""
+    """``$DSV4_JAX_CACHE``, else ``dsv4_jax`` under ``$XDG_CACHE_HOME`` or ``~/.cache``."""
     return Path(os.environ.get("DSV4_JAX_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dsv4_jax"))
 
