@@ -134,10 +134,11 @@ def _tool_result_text(m: Mapping[str, Any], i: int) -> str:
     c = m.get("content", "")
     if isinstance(c, str):
         return c
-    if isinstance(c, list) and all(isinstance(p, Mapping) for p in c):
+    if isinstance(c, list) and all(isinstance(p, Mapping) and isinstance(p.get("text", ""), str) for p in c):
         return "\n\n".join(p.get("text", "") if p.get("type") == "text" else f"[Unsupported {p.get('type')}]"
                            for p in c)
-    raise ChatFormatError(f"message {i} (tool): content must be a string or a list of content parts")
+    raise ChatFormatError(f"message {i} (tool): content must be a string or a list of content parts "
+                          "({'type': 'text', 'text': str}, ...)")
 
 
 def _validate(messages: Sequence[Mapping[str, Any]], what: str) -> None:
@@ -150,12 +151,22 @@ def _validate(messages: Sequence[Mapping[str, Any]], what: str) -> None:
         if role not in ROLES:
             raise ChatFormatError(f"{what}[{i}]: unknown role {role!r}, expected one of {ROLES}")
         task = m.get("task")
-        if task is not None and task not in TASK_TOKENS:
+        if task is not None and (not isinstance(task, str) or task not in TASK_TOKENS):
             raise ChatFormatError(f"{what}[{i}]: unknown task {task!r}, expected one of {tuple(TASK_TOKENS)}")
         if m.get("tools") and role not in ("system", "developer"):
             raise ChatFormatError(f"{what}[{i}]: tools are only rendered on a system or developer message, "
                                   f"not on a {role} message")
+        reasoning = m.get("reasoning_content")
+        if reasoning is not None and not isinstance(reasoning, str):
+            raise ChatFormatError(f"{what}[{i}]: reasoning_content must be a string, got "
+                                  f"{type(reasoning).__name__}")
+        if not _is_key(m.get("tool_call_id")):
+            raise ChatFormatError(f"{what}[{i}]: tool_call_id must be a string (or another hashable id), got "
+                                  f"{type(m.get('tool_call_id')).__name__}")
         calls = m.get("tool_calls")
+        if calls is not None and (isinstance(calls, (str, bytes, Mapping)) or not isinstance(calls, Sequence)):
+            raise ChatFormatError(f"{what}[{i}]: tool_calls must be a list of calls, got "
+                                  f"{type(calls).__name__}")
         if calls and role != "assistant":
             raise ChatFormatError(f"{what}[{i}]: only assistant messages carry tool_calls")
         for j, c in enumerate(calls or ()):
@@ -165,6 +176,17 @@ def _validate(messages: Sequence[Mapping[str, Any]], what: str) -> None:
                                       "'function': {'name': str, 'arguments': str | dict}}")
             if not isinstance(fn.get("arguments"), (str, Mapping)):
                 raise ChatFormatError(f"{what}[{i}].tool_calls[{j}]: arguments must be a JSON string or dict")
+            if not (_is_key(c.get("id")) and _is_key(fn.get("id"))):
+                raise ChatFormatError(f"{what}[{i}].tool_calls[{j}]: a call's id must be a string (or another hashable id)")
+
+
+def _is_key(value: Any) -> bool:
+    """Whether ``value`` can be an id that tool results are matched by (absent, or hashable)."""
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
 
 
 def _merge(full: list[Mapping[str, Any]]) -> list[_Turn]:
@@ -228,7 +250,11 @@ def _header_extras(m: Mapping[str, Any]) -> str:
     if m.get("tools"):
         out += "\n\n" + _tools_block(m["tools"])
     if m.get("response_format"):
-        out += "\n\n" + RESPONSE_FORMAT_HEADER + _json(m["response_format"])
+        try:
+            fmt = _json(m["response_format"])
+        except (TypeError, ValueError) as e:
+            raise ChatFormatError(f"response_format must be JSON-serialisable: {e}") from e
+        out += "\n\n" + RESPONSE_FORMAT_HEADER + fmt
     return out
 
 
@@ -292,7 +318,8 @@ def encode_chat(
       :func:`reasoning_mode`).
     tools: request-level tools, attached as in the official fixtures (see ``_with_tools``).
     context: messages already in the KV cache: not rendered (no BOS, no Think-Max prefix), but the merging and
-      reasoning-retention decisions see them (ENCODING.md §2.8).
+      reasoning-retention decisions see them (ENCODING.md §2.8). They are checked as ``messages`` are, so a
+      malformed context message is refused even though the official encoder, which never renders it, passes it.
     drop_thinking: in thinking modes, drop the reasoning of assistant turns before the last user turn, unless
       tools are defined anywhere (ENCODING.md §2.9).
 

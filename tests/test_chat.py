@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from dsv4_jax.chat import THINK_MAX_PREFIX, CompletionParser, StreamEvent, encode_chat, parse_completion
+from dsv4_jax.chat import (THINK_MAX_PREFIX, ChatFormatError, CompletionParser, StreamEvent, encode_chat,
+                           parse_completion)
 from dsv4_jax.tokenizer import BOS, DSML, EOS, THINK, THINK_END, Detokenizer, load_tokenizer
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
@@ -333,9 +334,17 @@ def test_developer_messages_and_context():
     ([{**SYSTEM, "tools": [WEATHER]}, Q], {"tools": [WEATHER]}, "tools given both"),
     ([Q, user("x", task="action")], {}, "task cannot directly follow"),
     ([user("more")], {"context": [Q]}, "merge into one user turn"),
+    # wrong types the official encoder pastes in as text or trips over: a clear error, not a TypeError
+    ([Q, assistant("A", reasoning_content={"a": 1})], {"thinking": "high"}, "reasoning_content must be a string"),
+    ([{"role": "tool", "tool_call_id": {}, "content": "r"}], {}, "tool_call_id must be a string"),
+    ([user("x", task=["action"])], {}, r"unknown task \['action'\]"),
+    ([Q, assistant("A", tool_calls=True)], {}, "tool_calls must be a list of calls, got bool"),
+    ([Q, assistant(None, tool_calls=[{**call("1", "f", "{}"), "id": ["1"]}])], {}, "a call's id must be a string"),
+    ([Q, {"role": "tool", "content": [{"type": "text", "text": None}]}], {}, "list of content parts"),
+    ([{**SYSTEM, "response_format": b"x"}, Q], {}, "response_format must be JSON-serialisable"),
 ])
 def test_malformed_messages_raise(messages, kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ChatFormatError, match=match):
         encode_chat(messages, **kwargs)
 
 

@@ -488,11 +488,11 @@ U = {"role": "user", "content": "q"}
 ])
 def test_raises_where_official_raises(off, messages, kwargs):
     """Inputs OFF rejects (with whatever its code meets: an assertion, a missing key, a wrong type) are rejected
-    with a ValueError or TypeError."""
+    with a ChatFormatError (a ValueError)."""
     thinking = kwargs.get("thinking", "none")
     with pytest.raises((AssertionError, AttributeError, KeyError, TypeError, NotImplementedError)):
         off.encode_messages(copy.deepcopy(messages), MODES.get(thinking, (thinking,))[0])
-    with pytest.raises((ValueError, TypeError)):
+    with pytest.raises(ChatFormatError):
         encode_chat(messages, thinking=thinking)
 
 
