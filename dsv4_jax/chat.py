@@ -177,7 +177,8 @@ def _validate(messages: Sequence[Mapping[str, Any]], what: str) -> None:
             if not isinstance(fn.get("arguments"), (str, Mapping)):
                 raise ChatFormatError(f"{what}[{i}].tool_calls[{j}]: arguments must be a JSON string or dict")
             if not (_is_key(c.get("id")) and _is_key(fn.get("id"))):
-                raise ChatFormatError(f"{what}[{i}].tool_calls[{j}]: a call's id must be a string (or another hashable id)")
+                raise ChatFormatError(f"{what}[{i}].tool_calls[{j}]: a call's id must be a string (or another "
+                                      "hashable id)")
 
 
 def _is_key(value: Any) -> bool:
