@@ -57,8 +57,10 @@ def _read_json(path: Path, err: type[CheckpointError] = UnsupportedConfig) -> An
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise err(f"{path}: no such file") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise err(f"{path}: not valid JSON ({e})") from None
+    except IsADirectoryError:
+        raise err(f"{path}: a directory, not a JSON file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise err(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None
 
 
 def _check_quantization_config(q: Any, source: str) -> None:
@@ -162,7 +164,10 @@ def checkpoint_config(path: str | os.PathLike) -> Config:
     headers without reading any weight (what ``load_model`` will load; for refusing a request early)."""
     path = Path(path)
     if (path / CACHE_MANIFEST).exists():
-        return weights.config_from_native(_read_json(path / "config.json"), str(path / "config.json"))
+        d = _read_json(path / "config.json")
+        if not isinstance(d, dict):
+            raise UnsupportedConfig(f"{path / 'config.json'}: not a JSON object")
+        return weights.config_from_native(d, str(path / "config.json"))
     index = read_index(path)
     infos = {name: t for shard in open_shards(path, index).values() for name, t in shard.tensors.items()}
     return read_config(path, weights.detect_layout(infos))[0]
@@ -438,6 +443,8 @@ def _restore_cache(path: Path, *, dtype: DType, mesh: Mesh | None, device_memory
     config = checkpoint_config(path)
     sharding.check_mesh(mesh, config.n_routed_experts)
     manifest = _read_json(path / CACHE_MANIFEST, CheckpointError)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("leaves", []), list):
+        raise CheckpointError(f"{path / CACHE_MANIFEST}: not a cache manifest (an object with a list 'leaves')")
     entries, treedef = jax.tree.flatten(weights.param_entries(config))
     if len(manifest.get("leaves", [])) != len(entries):
         raise CheckpointError(
@@ -477,12 +484,24 @@ def _restore_cache(path: Path, *, dtype: DType, mesh: Mesh | None, device_memory
     return _finish(Model(config=config, params=params, dtype=dtype, mesh=mesh), kernel_layout)
 
 
+def _is_dtype(name: Any) -> bool:
+    """Whether a cache manifest's dtype entry names a NumPy dtype."""
+    if not isinstance(name, str):
+        return False
+    try:
+        np.dtype(name)
+    except TypeError:
+        return False
+    return True
+
+
 def _check_cache_leaf(path: Path, entry: weights.Entry, leaf: dict) -> None:
     """The manifest's record of one leaf against what ``config.json`` implies for it (format allowed for the
     parameter, the shape of every array), so that a cache and a configuration that do not belong together are
     refused before anything is read, naming the parameter."""
     where = path / CACHE_MANIFEST
-    if not isinstance(leaf, dict) or not isinstance(leaf.get("arrays"), list):
+    if not isinstance(leaf, dict) or not isinstance(leaf.get("arrays"), list) or not all(
+            isinstance(a, list) and len(a) == 2 and _is_dtype(a[1]) for a in leaf["arrays"]):
         raise CheckpointError(f"{where}: the record of parameter {entry.label} is damaged: {str(leaf)[:200]}")
     fmt = leaf.get("format")
     got = [a[0] if isinstance(a, list) and a else a for a in leaf["arrays"]]  # [[shape, dtype], ...]

@@ -132,7 +132,7 @@ class Config:
                     v = _int(v[0]) if len(v) == 1 else tuple(_int(x) for x in v)
                 else:
                     v = _FIELD_TYPES[f.name](v)
-            except (TypeError, ValueError, KeyError) as e:
+            except (TypeError, ValueError, KeyError, AttributeError) as e:
                 raise ConfigError(f"{source}: key {f.name!r} has an invalid value {v!r}: {e}") from None
             kwargs[f.name] = v
         try:

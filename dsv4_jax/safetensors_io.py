@@ -197,6 +197,8 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
     Returns the tensors by name and the ``__metadata__`` map. Raises ``CorruptShard`` naming the file and,
     where there is one, the tensor."""
     path = Path(path)
+    if not path.is_file():
+        raise CorruptShard(f"{path}: not a regular file")
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -211,8 +213,8 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptShard(f"{path}: the header is not valid UTF-8 JSON ({e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CorruptShard(f"{path}: the header is not valid UTF-8 JSON ({type(e).__name__}: {e})") from None
     if not isinstance(header, dict):
         raise CorruptShard(f"{path}: the header is not a JSON object")
     meta = header.pop("__metadata__", None) or {}
@@ -226,7 +228,7 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
                 f"{path}: tensor {name!r}: entry needs dtype, shape and data_offsets, got {e!r}"
             )
         dt, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
-        if dt not in DTYPES:
+        if not isinstance(dt, str) or dt not in DTYPES:
             raise CorruptShard(f"{path}: tensor {name!r}: unknown dtype {dt!r}")
         if (
             not isinstance(shape, list)
@@ -254,6 +256,17 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
     for (_, e0, n0), (b1, _, n1) in itertools.pairwise(spans):
         if b1 < e0:
             raise CorruptShard(f"{path}: tensors {n0!r} and {n1!r} overlap")
+    # The tensors must cover the payload exactly, as the safetensors format requires: a gap or trailing bytes
+    # mean a damaged file (e.g. a header length that lost bytes, which shifts every tensor by them)
+    at = start
+    for b, e, name in spans:
+        if b != at:
+            raise CorruptShard(f"{path}: {b - at} payload bytes before tensor {name!r} belong to no tensor "
+                               "(damaged header length or offsets)")
+        at = e
+    if at != size:
+        raise CorruptShard(f"{path}: the last {size - at} bytes of the file belong to no tensor (damaged header "
+                           "length or offsets, or bytes appended)")
     return tensors, meta
 
 
@@ -308,10 +321,12 @@ def read_index(directory: str | Path) -> Index:
             tensors, _ = read_header(single)
             return Index(single, {k: SINGLE for k in tensors}, None)
         raise MissingShard(f"{directory}: neither {INDEX} nor {SINGLE} exists")
+    if not path.is_file():
+        raise CorruptShard(f"{path}: not a regular file")
     try:
         d = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptShard(f"{path}: not valid JSON ({e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CorruptShard(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None
     wm = d.get("weight_map") if isinstance(d, dict) else None
     if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
         raise CorruptShard(f"{path}: no 'weight_map' object of tensor name -> shard file")
@@ -324,8 +339,15 @@ def read_index(directory: str | Path) -> Index:
         if not (directory / shard).is_file():
             first = next(k for k, v in wm.items() if v == shard)
             raise MissingShard(f"{path}: shard {shard!r} (holding e.g. tensor {first!r}) does not exist")
-    total = (d.get("metadata") or {}).get("total_size")
-    return Index(path, dict(wm), None if total is None else int(total))
+    meta = d.get("metadata")
+    total = meta.get("total_size") if isinstance(meta, dict) else None
+    try:
+        total = None if total is None else int(total)
+    except (TypeError, ValueError):
+        warnings.warn(StaleIndexTotalSize(f"{path}: metadata.total_size {total!r} is not a number; ignored"),
+                      stacklevel=2)
+        total = None
+    return Index(path, dict(wm), total)
 
 
 def open_shards(directory: str | Path, index: Index) -> dict[str, Shard]:

@@ -864,6 +864,21 @@ def config_from_hf(d: dict, source: str) -> Config:
     n = d.get("num_hidden_layers")
     if not isinstance(n, int):
         raise UnsupportedConfig(f"{source}: missing key 'num_hidden_layers'")
+    for key in ("layer_types", "mlp_layer_types"):
+        v = d.get(key)
+        if v is not None and not (isinstance(v, list) and all(isinstance(t, str) for t in v)):
+            raise UnsupportedConfig(f"{source}: key {key!r} must be a list of layer type names, got {v!r}")
+    for key in ("compress_rates", "rope_parameters"):
+        if d.get(key) is not None and not isinstance(d[key], dict):
+            raise UnsupportedConfig(f"{source}: key {key!r} must be an object, got {d[key]!r}")
+    for part in ("main", "compress"):
+        v = (d.get("rope_parameters") or {}).get(part)
+        if v is not None and not isinstance(v, dict):
+            raise UnsupportedConfig(f"{source}: key 'rope_parameters.{part}' must be an object, got {v!r}")
+    kind = ((d.get("rope_parameters") or {}).get("compress") or {}).get("rope_type", "default")
+    if kind not in ("default", "yarn"):
+        raise UnsupportedConfig(f"{source}: key 'rope_parameters.compress.rope_type' is {kind!r}; the compressed "
+                                "layers take 'default' or 'yarn'")
     try:
         if "layer_types" in d and "compress_ratios" not in d:
             rates = {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128} | (
@@ -974,4 +989,6 @@ def config_quantized_set(q: dict, source: str) -> set[str] | None:
     layers = q.get("quantized_layers")
     if layers is None:
         return None
+    if not isinstance(layers, dict):
+        raise UnsupportedMoeQuant(f"{source}: key 'quantization_config.quantized_layers' is not an object")
     return _quantized_set(layers, source, UnsupportedMoeQuant)

@@ -7,6 +7,7 @@ import json
 import os
 import runpy
 import shutil
+import struct
 import subprocess
 import sys
 import textwrap
@@ -316,6 +317,39 @@ def _drop_shard(p):
     return f.name
 
 
+def _edit_header(p, fn, shift=0):
+    """Rewrite the first shard's header: ``fn(header dict)``, then padded with 8 spaces and the declared length
+    ``shift`` bytes short of it (the JSON still parses, every tensor is read ``shift`` bytes early)."""
+    f = min(p.glob("*.safetensors"))
+    b = f.read_bytes()
+    (n,) = struct.unpack("<Q", b[:8])
+    header = json.loads(b[8:8 + n])
+    fn(header)
+    raw = json.dumps(header).encode() + b" " * 8
+    f.write_bytes(struct.pack("<Q", len(raw) - shift) + raw + b[8 + n:])
+    return f.name
+
+
+def _append(p):
+    f = max(p.glob("*.safetensors"))
+    with open(f, "ab") as fh:
+        fh.write(bytes(range(64)))
+    return f.name
+
+
+def _as_directory(name):
+    def fn(p):
+        (p / name).unlink()
+        (p / name).mkdir()
+        return name
+
+    return fn
+
+
+def _first_tensor(header):
+    return next(k for k in header if k != "__metadata__")
+
+
 E1 = "layers.2.ffn.experts.3.w2"
 CASES = {
     "truncated shard": (_truncate, st.CorruptShard, r"{file}.*'[^']+'.*truncated"),
@@ -390,6 +424,33 @@ CASES = {
         r"hf_quant_config.json.*'producer.name'",
     ),
     "index names a missing file": (_drop_shard, st.MissingShard, r"model.safetensors.index.json.*'{file}'"),
+    # the safetensors format: the tensors cover the payload exactly (a header length that lost a byte of its
+    # padding still parses, and would shift every tensor by one byte), JSON of any depth, dtype names
+    "header length a byte short": (lambda p: _edit_header(p, lambda h: None, shift=1), st.CorruptShard,
+                                   r"{file}: the last 1 bytes of the file belong to no tensor"),
+    "bytes appended to a shard": (_append, st.CorruptShard, r"{file}: the last 64 bytes .* belong to no tensor"),
+    "header dtype not a string": (
+        lambda p: _edit_header(p, lambda h: h[_first_tensor(h)].update(dtype=["BF16"])),
+        st.CorruptShard,
+        r"{file}: tensor '[^']+': unknown dtype \['BF16'\]",
+    ),
+    "index nested too deep": (
+        lambda p: (p / st.INDEX).write_text("[" * 100000 + "]" * 100000),
+        st.CorruptShard,
+        r"model.safetensors.index.json: not valid JSON \(RecursionError",
+    ),
+    "config.json a directory": (_as_directory("config.json"), st.UnsupportedConfig, r"config.json: a directory"),
+    "index a directory": (_as_directory(st.INDEX), st.CorruptShard, r"{file}: not a regular file"),
+    "rope_scaling not an object": (
+        lambda p: _edit_json(p / "config.json", lambda c: c.update(rope_scaling="yarn")),
+        st.UnsupportedConfig,
+        r"config.json.*'rope_scaling'",
+    ),
+    "quantized_layers not an object": (
+        lambda p: _edit_json(p / "config.json", lambda c: c["quantization_config"].update(quantized_layers=[])),
+        st.UnsupportedMoeQuant,
+        r"config.json.*'quantization_config.quantized_layers' is not an object",
+    ),
     "unsafe shard path": (
         lambda p: _edit_json(p / st.INDEX, lambda i: i["weight_map"].update(norm__weight="../x")),
         st.UnsafeShardPath,
@@ -507,6 +568,11 @@ WARNINGS = {
         lambda p: _edit_json(p / "config.json", lambda c: c["quantization_config"]["ignore"].append("mtp.extra")),
         st.InconsistentQuantManifest,
         r"hf_quant_config.json: key 'quantization.exclude_modules' differs .*'mtp.extra'",
+    ),
+    "index total_size not a number": (
+        lambda p: _edit_json(p / st.INDEX, lambda i: i["metadata"].update(total_size="abc")),
+        st.StaleIndexTotalSize,
+        r"model.safetensors.index.json: metadata.total_size 'abc' is not a number",
     ),
 }
 
@@ -709,4 +775,18 @@ def test_orbax_cache_and_config_that_do_not_belong_together_are_refused(tmp_path
     shutil.rmtree(damaged / "params")
     with pytest.raises(ck.CheckpointError, match="no parameter data"):
         _load(damaged)
+    manifest = json.loads((cache / ck.CACHE_MANIFEST).read_text())
+    leaf0 = {**manifest["leaves"][0], "arrays": [[manifest["leaves"][0]["arrays"][0][0], "bogus"]]}
+    for name, text, match in (
+        (ck.CACHE_MANIFEST, "[]", "not a cache manifest"),
+        (ck.CACHE_MANIFEST, json.dumps({**manifest, "leaves": [leaf0, *manifest["leaves"][1:]]}),
+         "the record of parameter embed is damaged"),
+        ("config.json", "[]", "config.json: not a JSON object"),
+    ):
+        bad = tmp_path / "bad_json"
+        shutil.rmtree(bad, ignore_errors=True)
+        shutil.copytree(cache, bad)
+        (bad / name).write_text(text)
+        with pytest.raises(ck.CheckpointError, match=match):
+            _load(bad)
     assert_same_params(_load(cache).params, model.params)  # the original still loads

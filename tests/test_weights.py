@@ -14,7 +14,7 @@ import pytest
 import dsv4_jax as d
 from dsv4_jax import quant, weights
 from dsv4_jax.quant import Mxfp4
-from dsv4_jax.safetensors_io import MixedExpertEncoding, TensorInfo
+from dsv4_jax.safetensors_io import MixedExpertEncoding, TensorInfo, UnsupportedConfig
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +93,23 @@ def test_hf_config_round_trip():
         **{**config.__dict__, "num_nextn_predict_layers": 0, "compress_ratios": config.compress_ratios[:6]}
     )
     assert back == want
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("layer_types", 5, "'layer_types' must be a list of layer type names"),
+    ("mlp_layer_types", ["moe", 3], "'mlp_layer_types' must be a list"),
+    ("compress_rates", [4, 16], "'compress_rates' must be an object"),
+    ("rope_parameters", "x", "'rope_parameters' must be an object"),
+    ("rope_parameters", {"main": {}, "compress": []}, r"'rope_parameters.compress' must be an object"),
+    ("rope_parameters", {"main": {}, "compress": {"rope_type": "linear", "rope_theta": 1e4}},
+     "'rope_parameters.compress.rope_type' is 'linear'"),
+])
+def test_hf_config_of_the_wrong_shape_is_refused_by_key(key, value, match):
+    """A transformers config.json whose layer lists or rope parameters have the wrong JSON type, or a rope
+    scaling the compressed layers do not take, is refused naming the key (not a TypeError, not ignored)."""
+    hf = {**weights.hf_config(d.tiny(num_hidden_layers=4)), key: value}
+    with pytest.raises(UnsupportedConfig, match=match):
+        weights.config_from_hf(hf, "config.json")
 
 
 def _info(name, dtype, shape):
