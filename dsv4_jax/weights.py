@@ -249,8 +249,10 @@ def tensor_name(native: str, layout: Layout) -> str:
 
 
 def detect_layout(names) -> Layout:
-    """``"hf"`` when the tensor names are transformers' (``model.`` prefix), else ``"native"``."""
-    return "hf" if any(n.startswith("model.") for n in names) else "native"
+    """``"hf"`` when the tensor names are transformers' (most have the ``model.`` prefix), else ``"native"``. By
+    majority, so that one stray tensor is reported as such rather than turning the whole checkpoint's layout."""
+    names = list(names)
+    return "hf" if 2 * sum(n.startswith("model.") for n in names) > len(names) else "native"
 
 
 def module_name(entry: Entry) -> str:

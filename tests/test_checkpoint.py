@@ -469,6 +469,11 @@ CASES = {
         st.UnexpectedTensor,
         r"{file}.*'norm.weight', which model.safetensors.index.json lists in .* \(a tensor held twice\)",
     ),
+    "stray tensor named as transformers would": (
+        lambda p: _rewrite_shard(p, "norm.weight", _setitem("model.extra", np.ones(3, np.float32))),
+        st.UnexpectedTensor,
+        r"{file}.*'model.extra' is not a parameter",
+    ),
     "tensor of no parameter": (
         lambda p: _rewrite_shard(p, "norm.weight", _setitem("extra", np.ones(3, np.float32))),
         st.UnexpectedTensor,
