@@ -63,6 +63,14 @@ def _read_json(path: Path, err: type[CheckpointError] = UnsupportedConfig) -> An
         raise err(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None
 
 
+def _read_config_json(source: Path) -> dict:
+    """A ``config.json`` that must hold a JSON object."""
+    d = _read_json(source)
+    if not isinstance(d, dict):
+        raise UnsupportedConfig(f"{source}: not a JSON object")
+    return d
+
+
 def _check_quantization_config(q: Any, source: str) -> None:
     """§7.2.4: FP8 e4m3 linears with UE8M0 128x128 block scales; NVFP4 group-16 experts if announced."""
     if not isinstance(q, dict):
@@ -84,9 +92,7 @@ def read_config(path: Path, layout: weights.Layout) -> tuple[Config, set[str] | 
     """The model configuration of a checkpoint directory, and the set of routed-expert modules its
     quantisation manifests announce as NVFP4 (None if none does)."""
     source = path / "config.json"
-    d = _read_json(source)
-    if not isinstance(d, dict):
-        raise UnsupportedConfig(f"{source}: not a JSON object")
+    d = _read_config_json(source)
     if layout == "hf":
         if "quantization_config" in d:
             raise UnsupportedQuantConfig(
@@ -164,10 +170,7 @@ def checkpoint_config(path: str | os.PathLike) -> Config:
     headers without reading any weight (what ``load_model`` will load; for refusing a request early)."""
     path = Path(path)
     if (path / CACHE_MANIFEST).exists():
-        d = _read_json(path / "config.json")
-        if not isinstance(d, dict):
-            raise UnsupportedConfig(f"{path / 'config.json'}: not a JSON object")
-        return weights.config_from_native(d, str(path / "config.json"))
+        return weights.config_from_native(_read_config_json(path / "config.json"), str(path / "config.json"))
     index = read_index(path)
     infos = {name: t for shard in open_shards(path, index).values() for name, t in shard.tensors.items()}
     return read_config(path, weights.detect_layout(infos))[0]
@@ -444,7 +447,8 @@ def _restore_cache(path: Path, *, dtype: DType, mesh: Mesh | None, device_memory
     sharding.check_mesh(mesh, config.n_routed_experts)
     manifest = _read_json(path / CACHE_MANIFEST, CheckpointError)
     if not isinstance(manifest, dict) or not isinstance(manifest.get("leaves", []), list):
-        raise CheckpointError(f"{path / CACHE_MANIFEST}: not a cache manifest (an object with a list 'leaves')")
+        raise CheckpointError(f"{path / CACHE_MANIFEST}: not a cache manifest (an object with a list "
+                              "'leaves')")
     entries, treedef = jax.tree.flatten(weights.param_entries(config))
     if len(manifest.get("leaves", [])) != len(entries):
         raise CheckpointError(
@@ -504,7 +508,7 @@ def _check_cache_leaf(path: Path, entry: weights.Entry, leaf: dict) -> None:
             isinstance(a, list) and len(a) == 2 and _is_dtype(a[1]) for a in leaf["arrays"]):
         raise CheckpointError(f"{where}: the record of parameter {entry.label} is damaged: {str(leaf)[:200]}")
     fmt = leaf.get("format")
-    got = [a[0] if isinstance(a, list) and a else a for a in leaf["arrays"]]  # [[shape, dtype], ...]
+    got = [shape for shape, _ in leaf["arrays"]]  # [[shape, dtype], ...]
     kinds = {"experts": ("nvfp4", "mxfp4", "fp8", "tensor"), "linear": ("fp8", "tensor")}
     allowed = kinds.get(entry.kind, ("tensor",))
     if fmt not in allowed:

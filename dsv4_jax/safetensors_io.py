@@ -11,7 +11,6 @@ or key.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import math
 import os
@@ -252,21 +251,19 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
                 f"{path}: tensor {name!r}: {end - b} bytes for {dt}{shape}, which needs {want}"
             )
         tensors[name] = TensorInfo(name, dt, tuple(shape), start + b, start + end)
-    spans = sorted((t.begin, t.end, t.name) for t in tensors.values() if t.end > t.begin)
-    for (_, e0, n0), (b1, _, n1) in itertools.pairwise(spans):
-        if b1 < e0:
-            raise CorruptShard(f"{path}: tensors {n0!r} and {n1!r} overlap")
-    # The tensors must cover the payload exactly, as the safetensors format requires: a gap or trailing bytes
-    # mean a damaged file (e.g. a header length that lost bytes, which shifts every tensor by them)
-    at = start
-    for b, e, name in spans:
-        if b != at:
+    # The tensors must cover the payload exactly, without overlap, as the safetensors format requires: a gap
+    # or trailing bytes mean a damaged file (e.g. a header length that lost bytes, which shifts every tensor)
+    at, prev = start, None
+    for b, e, name in sorted((t.begin, t.end, t.name) for t in tensors.values() if t.end > t.begin):
+        if b < at:
+            raise CorruptShard(f"{path}: tensors {prev!r} and {name!r} overlap")
+        if b > at:
             raise CorruptShard(f"{path}: {b - at} payload bytes before tensor {name!r} belong to no tensor "
                                "(damaged header length or offsets)")
-        at = e
+        at, prev = e, name
     if at != size:
-        raise CorruptShard(f"{path}: the last {size - at} bytes of the file belong to no tensor (damaged header "
-                           "length or offsets, or bytes appended)")
+        raise CorruptShard(f"{path}: the last {size - at} bytes of the file belong to no tensor (damaged "
+                           "header length or offsets, or bytes appended)")
     return tensors, meta
 
 

@@ -249,8 +249,9 @@ def tensor_name(native: str, layout: Layout) -> str:
 
 
 def detect_layout(names) -> Layout:
-    """``"hf"`` when the tensor names are transformers' (most have the ``model.`` prefix), else ``"native"``. By
-    majority, so that one stray tensor is reported as such rather than turning the whole checkpoint's layout."""
+    """``"hf"`` when the tensor names are transformers' (most have the ``model.`` prefix), else ``"native"``.
+    By majority, so that one stray tensor is reported as such rather than turning the whole checkpoint's
+    layout."""
     names = list(names)
     return "hf" if 2 * sum(n.startswith("model.") for n in names) > len(names) else "native"
 
@@ -873,14 +874,15 @@ def config_from_hf(d: dict, source: str) -> Config:
     for key in ("compress_rates", "rope_parameters"):
         if d.get(key) is not None and not isinstance(d[key], dict):
             raise UnsupportedConfig(f"{source}: key {key!r} must be an object, got {d[key]!r}")
+    rp = d.get("rope_parameters") or {}
     for part in ("main", "compress"):
-        v = (d.get("rope_parameters") or {}).get(part)
-        if v is not None and not isinstance(v, dict):
-            raise UnsupportedConfig(f"{source}: key 'rope_parameters.{part}' must be an object, got {v!r}")
-    kind = ((d.get("rope_parameters") or {}).get("compress") or {}).get("rope_type", "default")
+        if rp.get(part) is not None and not isinstance(rp[part], dict):
+            raise UnsupportedConfig(f"{source}: key 'rope_parameters.{part}' must be an object, "
+                                    f"got {rp[part]!r}")
+    kind = (rp.get("compress") or {}).get("rope_type", "default")
     if kind not in ("default", "yarn"):
-        raise UnsupportedConfig(f"{source}: key 'rope_parameters.compress.rope_type' is {kind!r}; the compressed "
-                                "layers take 'default' or 'yarn'")
+        raise UnsupportedConfig(f"{source}: key 'rope_parameters.compress.rope_type' is {kind!r}; the "
+                                "compressed layers take 'default' or 'yarn'")
     try:
         if "layer_types" in d and "compress_ratios" not in d:
             rates = {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128} | (
@@ -895,7 +897,6 @@ def config_from_hf(d: dict, source: str) -> Config:
             d["num_hash_layers"] = k
     except KeyError as e:
         raise UnsupportedConfig(f"{source}: key 'layer_types' has an unknown type {e}") from None
-    rp = d.get("rope_parameters") or {}
     numbers = all(isinstance(d.get(k), (int, float)) and not isinstance(d.get(k), bool)
                   for k in ("head_dim", "partial_rotary_factor"))
     if "qk_rope_head_dim" not in d and numbers:
