@@ -337,6 +337,9 @@ def read_index(directory: str | Path) -> Index:
             first = next(k for k, v in wm.items() if v == shard)
             raise MissingShard(f"{path}: shard {shard!r} (holding e.g. tensor {first!r}) does not exist")
     meta = d.get("metadata")
+    if meta is not None and not isinstance(meta, dict):
+        warnings.warn(StaleIndexTotalSize(f"{path}: 'metadata' is {type(meta).__name__}, not a JSON object; "
+                                          "ignored"), stacklevel=2)
     total = meta.get("total_size") if isinstance(meta, dict) else None
     try:
         total = None if total is None else int(total)

@@ -899,12 +899,14 @@ def config_from_hf(d: dict, source: str) -> Config:
         raise UnsupportedConfig(f"{source}: key 'layer_types' has an unknown type {e}") from None
     numbers = all(isinstance(d.get(k), (int, float)) and not isinstance(d.get(k), bool)
                   for k in ("head_dim", "partial_rotary_factor"))
-    if "qk_rope_head_dim" not in d and numbers:
+    if numbers:
         width = d["head_dim"] * d["partial_rotary_factor"]
         if not float(width).is_integer():
             raise UnsupportedConfig(f"{source}: keys 'head_dim' x 'partial_rotary_factor' = {width!r} rotary "
                                     "dimensions, not an integer")
-        d["qk_rope_head_dim"] = int(width)
+        if d.setdefault("qk_rope_head_dim", int(width)) != int(width):
+            raise UnsupportedConfig(f"{source}: key 'qk_rope_head_dim' is {d['qk_rope_head_dim']!r} but 'head_dim' x "
+                                    f"'partial_rotary_factor' = {int(width)} rotary dimensions")
     main, comp = rp.get("main") or {}, rp.get("compress") or {}
     d.setdefault("rope_theta", main.get("rope_theta"))
     d.setdefault("compress_rope_theta", comp.get("rope_theta"))

@@ -579,6 +579,11 @@ WARNINGS = {
         st.StaleIndexTotalSize,
         r"model.safetensors.index.json: metadata.total_size 'abc' is not a number",
     ),
+    "index metadata not an object": (
+        lambda p: _edit_json(p / st.INDEX, lambda i: i.update(metadata=["total_size", 1])),
+        st.StaleIndexTotalSize,
+        r"model.safetensors.index.json: 'metadata' is list, not a JSON object",
+    ),
 }
 
 

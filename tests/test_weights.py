@@ -103,6 +103,7 @@ def test_hf_config_round_trip():
     ("rope_parameters", {"main": {}, "compress": []}, r"'rope_parameters.compress' must be an object"),
     ("rope_parameters", {"main": {}, "compress": {"rope_type": "linear", "rope_theta": 1e4}},
      "'rope_parameters.compress.rope_type' is 'linear'"),
+    ("qk_rope_head_dim", 8, r"'qk_rope_head_dim' is 8 but 'head_dim' x 'partial_rotary_factor' = \d+"),
 ])
 def test_hf_config_of_the_wrong_shape_is_refused_by_key(key, value, match):
     """A transformers config.json whose layer lists or rope parameters have the wrong JSON type, or a rope
