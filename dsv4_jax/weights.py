@@ -883,6 +883,9 @@ def config_from_hf(d: dict, source: str) -> Config:
     if kind not in ("default", "yarn"):
         raise UnsupportedConfig(f"{source}: key 'rope_parameters.compress.rope_type' is {kind!r}; the "
                                 "compressed layers take 'default' or 'yarn'")
+    if "layer_types" not in d and "compress_ratios" not in d:
+        raise UnsupportedConfig(f"{source}: missing key 'layer_types' (each layer's attention type; the native "
+                                "layout's 'compress_ratios' is not there either)")
     try:
         if "layer_types" in d and "compress_ratios" not in d:
             rates = {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128} | (

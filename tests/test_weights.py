@@ -117,6 +117,13 @@ def _info(name, dtype, shape):
     return name, TensorInfo(name, dtype, tuple(shape), 0, 0)
 
 
+def test_hf_config_without_layer_types_is_refused_by_key():
+    hf = {k: v for k, v in weights.hf_config(d.tiny(num_hidden_layers=4)).items()
+          if k not in ("layer_types", "compress_ratios")}
+    with pytest.raises(UnsupportedConfig, match="config.json: missing key 'layer_types'"):
+        weights.config_from_hf(hf, "config.json")
+
+
 def test_expert_format_is_decided_per_tensor_from_keys_and_dtypes():
     """Main-layer experts as NVFP4 quartets and MTP experts as MXFP4 pairs in one checkpoint (§5.7); a
     partial quartet or a quartet plus '.scale' is refused."""
