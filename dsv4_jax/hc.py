@@ -31,6 +31,8 @@ def sinkhorn(m0: jax.Array, iters: int, eps: float) -> jax.Array:
 
     # Unrolled on accelerators: XLA then fuses the rounds instead of launching a loop of tiny kernels (a decode
     # step of the tiny model on an H200: 3.5 ms instead of 7.1); a loop on the CPU, where it compiles faster.
+    # A bf16 model on a GPU takes the Pallas kernel instead (kernels.sinkhorn): unrolled, XLA's fusion pass
+    # spends minutes on the rounds of a 43-layer program.
     return jax.lax.fori_loop(0, iters - 1, round_, m, unroll=jax.default_backend() != "cpu")
 
 
@@ -52,6 +54,8 @@ def hc_pre(h: jax.Array, fn: jax.Array, scale: jax.Array, base: jax.Array, confi
 
     ``h [B, T, n, D]`` -> ``x [B, T, D]`` (h's dtype), ``post [B, T, n]`` and ``comb [B, T, n, n]`` (fp32;
     ``comb[j, k]``: source stream j to destination stream k)."""
+    from . import kernels  # kernels dispatches back to this module's sinkhorn
+
     n = config.hc_mult
     scale, base = scale.astype(jnp.float32), base.astype(jnp.float32)
 
@@ -59,7 +63,7 @@ def hc_pre(h: jax.Array, fn: jax.Array, scale: jax.Array, base: jax.Array, confi
         pre = jax.nn.sigmoid(mu[:, :n] * scale[0] + base[:n]) + config.hc_eps
         post = 2 * jax.nn.sigmoid(mu[:, n : 2 * n] * scale[1] + base[n : 2 * n])
         m0 = (mu[:, 2 * n :] * scale[2] + base[2 * n :]).reshape(-1, n, n)
-        return pre, post, sinkhorn(m0, config.hc_sinkhorn_iters, config.hc_eps)
+        return pre, post, kernels.sinkhorn(m0, config.hc_sinkhorn_iters, config.hc_eps, h.dtype)
 
     pre, post, comb = _per_token(coefficients, _mixes(h, fn, config.rms_norm_eps))
     x = quant.stable_sum(pre[..., None] * h.astype(jnp.float32), axis=-2)

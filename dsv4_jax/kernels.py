@@ -20,6 +20,9 @@
   indexer's prefill scoring of 64 heads through ``pallas_kernels.indexer_mgpu``, where they measured faster,
   chosen inside ``pallas_kernels``).
 
+* :func:`sinkhorn` has the semantics of ``hc.sinkhorn`` (the mHC mixing matrices' normalisation): one
+  Pallas-Triton launch on GPU in bf16 (``pallas_kernels.sinkhorn``), chosen for compile time rather than speed.
+
 ``interpret=True`` runs the kernels on any backend with Pallas' interpreter (tests); ``w4a4=True`` selects the
 Blackwell-numerics option (activations quantised to NVFP4 with the checkpoint's ``input_scale``).
 """
@@ -33,13 +36,14 @@ import jax.numpy as jnp
 
 from pallas_kernels import compressed_attention as cattn
 from pallas_kernels import indexer_topk
+from pallas_kernels import sinkhorn as sinkhorn_kernel
 from pallas_kernels.fp8_matmul import fp8_matmul
 from pallas_kernels.nvfp4_act import w4a4_matmul, w4a4_matmul_reference
 from pallas_kernels.nvfp4_layout import Nvfp4Packed, pack_nvfp4, unpack_nvfp4
 from pallas_kernels.nvfp4_matmul import nvfp4_matmul
 from pallas_kernels.nvfp4_moe import nvfp4_moe
 
-from . import moe, quant
+from . import hc, moe, quant
 from .config import Config
 from .params import Experts
 from .quant import Weight
@@ -160,6 +164,16 @@ def routed_experts(e: Experts, x: jax.Array, ids: jax.Array, w: jax.Array, confi
                               config.swiglu_limit, interpret=interpret)
     e = Experts(_as_checkpoint(e.w1), _as_checkpoint(e.w2), _as_checkpoint(e.w3))
     return moe.routed_experts(e, x, ids, w, config, dtype)
+
+
+def sinkhorn(m0: jax.Array, iters: int, eps: float, dtype, *, interpret: bool = False) -> jax.Array:
+    """``hc.sinkhorn(m0, iters, eps)`` of the mHC mixing matrices ``m0 [..., n, n]`` (fp32): one Pallas-Triton
+    launch on GPU for a model computing in bf16 (``n`` a power of two), where the unrolled formula costs XLA
+    minutes of compile time at Flash's depth (``pallas_kernels.sinkhorn``); the formula elsewhere."""
+    interpret = interpret or INTERPRET
+    if _use_kernel(dtype, interpret) and sinkhorn_kernel.supported(m0.shape[-1]):
+        return sinkhorn_kernel.sinkhorn(m0, iters, eps, interpret=interpret)
+    return hc.sinkhorn(m0, iters, eps)
 
 
 def index_select(q: jax.Array, w: jax.Array, keys: jax.Array, pos0: jax.Array, ratio: int, top_k: int, dtype, *,

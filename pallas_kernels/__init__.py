@@ -15,13 +15,15 @@
 * :mod:`.indexer_topk`  Lightning Indexer scoring and exact top-k selection;
 * :mod:`.indexer_mgpu`  the indexer's prefill scoring on Hopper in Mosaic GPU, which ``indexer_topk.index_select``
   dispatches;
+* :mod:`.sinkhorn`      the Sinkhorn normalisation of the mHC mixing matrices in one launch (compiles in seconds
+  where XLA's fusion of the unrolled rounds took minutes);
 * :mod:`.lowering`      lowering the kernels for an sm_90 GPU without one (tests, ``scripts/inspect_kernels.py``).
 
 The model chooses between kernels and references in one place, ``dsv4_jax.kernels``.
 
 Public entry points (the modules keep their own names; import functions from them):
 ``nvfp4_matmul.nvfp4_matmul``, ``nvfp4_moe.nvfp4_moe``, ``fp8_matmul.fp8_matmul``, ``nvfp4_act.w4a4_matmul``,
-``nvfp4_layout.pack_nvfp4`` / ``unpack_nvfp4``, each beside its ``*_reference``.
+``nvfp4_layout.pack_nvfp4`` / ``unpack_nvfp4``, ``sinkhorn.sinkhorn``, each beside its ``*_reference``.
 """
 
 import dsv4_jax  # noqa: F401  (first: dsv4_jax.kernels imports these modules, which use dsv4_jax.quant)

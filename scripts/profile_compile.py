@@ -8,13 +8,17 @@ for autotuning, PTX to cubin, ...). Pass XLA flags through ``XLA_FLAGS`` (they a
 process) or per program with ``--option name=value`` (XLA debug options, e.g. ``xla_gpu_autotune_level=0``).
 
 Usage: python scripts/profile_compile.py [--program forward|prefill|decode] [--references] [--option k=v]...
+                                         [--flash-layers N]
 The default model is the GPU model tests' tiny configuration (``tests/test_model_gpu.py``) at 2304 tokens.
+``--flash-layers N`` takes Flash's dimensions and the first ``N`` of its layers instead (43: the whole model)
+with abstract parameters: the program is lowered and compiled, not run, so no weights are allocated.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import glob
 import statistics
 import tempfile
@@ -82,6 +86,8 @@ def main():
                     help="an XLA compile option")
     ap.add_argument("--top", type=int, default=25, help="compiler events listed")
     ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--flash-layers", type=int, default=0, metavar="N",
+                    help="Flash's dimensions and its first N layers, abstract parameters (compile only)")
     args = ap.parse_args()
     options = {}
     for o in args.option:
@@ -91,10 +97,24 @@ def main():
         options[name] = _value(value)
 
     kernels.ENABLED = not args.references
-    config = d.tiny(hca_ratio=128, sliding_window=128, index_topk=64, vocab_size=1024,
-                    max_position_embeddings=max(4096, args.tokens))
-    model = d.random_model(config, seed=0)
+    if args.flash_layers:
+        n = args.flash_layers
+        if not 1 <= n <= d.FLASH.num_hidden_layers:
+            ap.error(f"--flash-layers takes 1 to {d.FLASH.num_hidden_layers}, got {n}")
+        ratios = d.FLASH.compress_ratios
+        config = dataclasses.replace(d.FLASH, num_hidden_layers=n, compress_ratios=ratios[:n] + ratios[43:])
+        model = jax.eval_shape(lambda: d.random_model(config, seed=0, kernel_layout=False))
+        if kernels.use_kernel_layout(model.dtype):
+            model = jax.eval_shape(kernels.prepare_weights, model)
+        args.runs = 0
+    else:
+        config = d.tiny(hca_ratio=128, sliding_window=128, index_topk=64, vocab_size=1024,
+                        max_position_embeddings=max(4096, args.tokens))
+        model = d.random_model(config, seed=0)
     fn, call_args, run_args = program(model, args.program, args.tokens, args.chunk, args.batch)
+    if args.flash_layers:  # abstract caches too
+        call_args = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype) if isinstance(a, jax.Array) else a, call_args)
 
     t0 = time.perf_counter()
     lowered = fn.trace(*call_args).lower()
@@ -114,11 +134,12 @@ def main():
         s = time.perf_counter()
         jax.block_until_ready(exe(*fresh))
         times.append(time.perf_counter() - s)
-    run = statistics.median(times[1:] if len(times) > 1 else times)
+    run = statistics.median(times[1:] if len(times) > 1 else times) if times else float("nan")
 
     chunk = f", chunk {args.chunk}" if args.program == "prefill" else ""
     path = "kernels" if kernels.attention_kernels(model.dtype) else "references"
-    print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}; {args.program} of the tiny GPU-test model "
+    what = "Flash's dimensions" if args.flash_layers else "the tiny GPU-test model"
+    print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}; {args.program} of {what} "
           f"({config.num_hidden_layers} layers), batch {args.batch}, {args.tokens} tokens{chunk}; {path}; "
           f"options {options or 'none'}\n")
     print(f"lowering {t1 - t0:.1f} s, compile {t2 - t1:.1f} s, run {1e3 * run:.2f} ms "
