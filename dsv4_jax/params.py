@@ -11,6 +11,7 @@ parameters, sinks, position biases and router biases; int32 hash tables.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal
 
 import jax
@@ -136,10 +137,14 @@ class _Keys:
         return k
 
 
+# The helpers below are jitted per shape: run op by op, every primitive of every new shape compiles on its own,
+# which made a new configuration's first random_model take ~25 s on a 2-core CPU. Same bits either way.
+@functools.partial(jax.jit, static_argnames=("shape", "std", "dtype", "mean"))
 def _normal(k, shape, std, dtype=jnp.float32, mean=0.0):
     return (mean + std * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
 
 
+@functools.partial(jax.jit, static_argnames=("out", "inn"))
 def _fp8(k, out: int, inn: int) -> quant.Fp8Block:
     return quant.quantize_fp8_block(_normal(k, (out, inn), inn**-0.5))
 
@@ -152,18 +157,33 @@ def _fp4_codes(k, shape) -> jax.Array:
 _E2M1_RMS = float(np.sqrt(np.mean(quant.E2M1_VALUES**2)))
 
 
+@functools.partial(jax.jit, static_argnames=("shape",))
+def _nvfp4_codes_scales(k_scales, k_codes, shape):
+    """Packed codes and block scales of random NVFP4 weights ``shape = (e, out, in)``: block scales vary by a
+    factor of up to 4 around 1 (the global scale sets the RMS)."""
+    e, out, inn = shape
+    bs = (2.0 ** jax.random.randint(k_scales, (e, out, inn // 16), -1, 2)).astype(jnp.float8_e4m3fn)
+    return _fp4_codes(k_codes, (e, out, inn // 2)), bs
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "k0"))
+def _mxfp4_scales(k, shape, k0: int):
+    e, out, inn = shape
+    exps = jax.random.randint(k, (e, out, inn // 32), k0 - 1, k0 + 2) + 127
+    return jax.lax.bitcast_convert_type(exps.astype(jnp.uint8), jnp.float8_e8m0fnu)
+
+
 def _expert_weight(keys: _Keys, e: int, out: int, inn: int, fmt: ExpertFormat, gscale=None) -> Weight:
     """Random expert weights ``[e, out, in]`` with RMS about ``in^-1/2``, generated in the stored format."""
     std = inn**-0.5
     if fmt == "nvfp4":
-        # Block scales vary by a factor of up to 4 around 1; the global scale sets the RMS.
-        bs = (2.0 ** jax.random.randint(keys(), (e, out, inn // 16), -1, 2)).astype(jnp.float8_e4m3fn)
+        k_scales, k_codes = keys(), keys()
+        codes, bs = _nvfp4_codes_scales(k_scales, k_codes, (e, out, inn))
         g = jnp.full((e,), std / _E2M1_RMS / 1.25, jnp.float32) if gscale is None else gscale
-        return quant.Nvfp4(_fp4_codes(keys(), (e, out, inn // 2)), bs, g, jnp.ones((e,), jnp.float32))
+        return quant.Nvfp4(codes, bs, g, jnp.ones((e,), jnp.float32))
     if fmt == "mxfp4":
         k0 = int(np.round(np.log2(std / _E2M1_RMS)))
-        exps = jax.random.randint(keys(), (e, out, inn // 32), k0 - 1, k0 + 2) + 127
-        scale = jax.lax.bitcast_convert_type(exps.astype(jnp.uint8), jnp.float8_e8m0fnu)
+        scale = _mxfp4_scales(keys(), (e, out, inn), k0)
         return quant.Mxfp4(_fp4_codes(keys(), (e, out, inn // 2)), scale)
     if fmt == "fp8":
         return jax.vmap(lambda k: _fp8(k, out, inn))(jax.random.split(keys(), e))
