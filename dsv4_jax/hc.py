@@ -29,11 +29,10 @@ def sinkhorn(m0: jax.Array, iters: int, eps: float) -> jax.Array:
         m = m / (quant.stable_sum(m, axis=-1, keepdims=True) + eps)
         return m / (quant.stable_sum(m, axis=-2, keepdims=True) + eps)
 
-    # Unrolled on accelerators: XLA then fuses the rounds instead of launching a loop of tiny kernels (a decode
-    # step of the tiny model on an H200: 3.5 ms instead of 7.1); a loop on the CPU, where it compiles faster.
-    # A bf16 model on a GPU takes the Pallas kernel instead (kernels.sinkhorn): unrolled, XLA's fusion pass
-    # spends minutes on the rounds of a 43-layer program.
-    return jax.lax.fori_loop(0, iters - 1, round_, m, unroll=jax.default_backend() != "cpu")
+    # A loop: unrolled, XLA fuses the rounds on a GPU (a decode step of the tiny model on an H200: 3.5 ms instead
+    # of 7.1) but its fusion pass spends minutes on them in a 43-layer program. On GPUs the model takes the
+    # Pallas kernel instead (kernels.sinkhorn), which has both the speed and the compile time.
+    return jax.lax.fori_loop(0, iters - 1, round_, m)
 
 
 def _per_token(f, mu: jax.Array):

@@ -20,8 +20,8 @@
   indexer's prefill scoring of 64 heads through ``pallas_kernels.indexer_mgpu``, where they measured faster,
   chosen inside ``pallas_kernels``).
 
-* :func:`sinkhorn` has the semantics of ``hc.sinkhorn`` (the mHC mixing matrices' normalisation): one
-  Pallas-Triton launch on GPU in bf16 (``pallas_kernels.sinkhorn``), chosen for compile time rather than speed.
+* :func:`sinkhorn` has the semantics of ``hc.sinkhorn`` (the mHC mixing matrices' normalisation, fp32): one
+  Pallas-Triton launch on GPU (``pallas_kernels.sinkhorn``), in bf16 and float32 models alike.
 
 ``interpret=True`` runs the kernels on any backend with Pallas' interpreter (tests); ``w4a4=True`` selects the
 Blackwell-numerics option (activations quantised to NVFP4 with the checkpoint's ``input_scale``).
@@ -167,11 +167,13 @@ def routed_experts(e: Experts, x: jax.Array, ids: jax.Array, w: jax.Array, confi
 
 
 def sinkhorn(m0: jax.Array, iters: int, eps: float, dtype, *, interpret: bool = False) -> jax.Array:
-    """``hc.sinkhorn(m0, iters, eps)`` of the mHC mixing matrices ``m0 [..., n, n]`` (fp32): one Pallas-Triton
-    launch on GPU for a model computing in bf16 (``n`` a power of two), where the unrolled formula costs XLA
-    minutes of compile time at Flash's depth (``pallas_kernels.sinkhorn``); the formula elsewhere."""
+    """``hc.sinkhorn(m0, iters, eps)`` of the mHC mixing matrices ``m0 [..., n, n]`` (fp32, whatever the model's
+    compute ``dtype``): one Pallas-Triton launch on GPU (``n`` a power of two; ``pallas_kernels.sinkhorn``), where
+    the formula is either a device-side loop of tiny kernels or, unrolled, minutes of XLA compile time at Flash's
+    depth; the formula elsewhere."""
+    del dtype  # the mixes are fp32 in every model; kept for the dispatchers' common signature
     interpret = interpret or INTERPRET
-    if _use_kernel(dtype, interpret) and sinkhorn_kernel.supported(m0.shape[-1]):
+    if (interpret or (ENABLED and on_gpu())) and sinkhorn_kernel.supported(m0.shape[-1]):
         return sinkhorn_kernel.sinkhorn(m0, iters, eps, interpret=interpret)
     return hc.sinkhorn(m0, iters, eps)
 

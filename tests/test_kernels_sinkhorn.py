@@ -79,10 +79,11 @@ def test_dispatch_takes_the_kernel_for_powers_of_two_and_the_formula_otherwise(m
         got = kernels.sinkhorn(m0, 20, 1e-6, jnp.bfloat16, interpret=True)
         np.testing.assert_allclose(np.asarray(got), sinkhorn_f64(m0, 20, 1e-6), rtol=2e-5, atol=2e-7)
     assert calls == [(6, 4, 4)]
-    # fp32 models and the CPU run the formula
+    # the mixes are fp32 in every model: a float32 model takes the kernel too; the CPU runs the formula
     kernels.sinkhorn(logits(r, 6, 4, 4, scale=2.0), 20, 1e-6, jnp.float32, interpret=True)
+    assert calls == [(6, 4, 4)] * 2
     kernels.sinkhorn(logits(r, 6, 4, 4, scale=2.0), 20, 1e-6, jnp.bfloat16)
-    assert calls == [(6, 4, 4)]
+    assert calls == [(6, 4, 4)] * 2
 
 
 def test_hc_pre_with_the_kernel_equals_hc_pre_with_the_formula(monkeypatch):
