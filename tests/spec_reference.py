@@ -1,4 +1,4 @@
-"""Float64 numpy implementations written from the spec's formulas (ARCHITECTURE.md §2, §5-§7, §10.2), one token
+"""Float64 numpy implementations written from the spec's formulas (ARCHITECTURE.md §2, §4.2, §5-§7, §10.2), one token
 at a time where the spec describes a state machine: independent references for the attention-side modules,
 including the FP8 / FP4 simulations that transformers does not implement."""
 
@@ -19,6 +19,18 @@ def W(x) -> np.ndarray:
 def rms(x, w=None, eps=1e-6):
     y = x / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
     return y if w is None else y * W(w)
+
+
+def sinkhorn(m0, iters, eps) -> np.ndarray:
+    """§4.2 step 8 in float64: row softmax (+eps), column normalisation, ``iters - 1`` (row, column) rounds."""
+    m0 = np.asarray(m0, np.float64)
+    e = np.exp(m0 - m0.max(-1, keepdims=True))
+    m = e / e.sum(-1, keepdims=True) + eps
+    m = m / (m.sum(-2, keepdims=True) + eps)
+    for _ in range(iters - 1):
+        m = m / (m.sum(-1, keepdims=True) + eps)
+        m = m / (m.sum(-2, keepdims=True) + eps)
+    return m
 
 
 def freqs(c, compressed: bool) -> np.ndarray:

@@ -1,27 +1,16 @@
-"""The mHC Sinkhorn kernel (pallas_kernels.sinkhorn) against the §4.2 formula in float64 and the model's
-reference, in Pallas' interpreter, lowered for sm_90, and on the GPU."""
+"""The mHC Sinkhorn kernel (pallas_kernels.sinkhorn) against the §4.2 formula in float64 (spec_reference) and
+the model's reference, in Pallas' interpreter, lowered for sm_90, and on the GPU."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import spec_reference
 from kernel_utils import rng
 
 from dsv4_jax import hc, kernels
 from pallas_kernels import lowering
 from pallas_kernels import sinkhorn as S
-
-
-def sinkhorn_f64(m0, iters, eps):
-    """ARCHITECTURE.md §4.2 step 8 in float64, written out."""
-    m0 = np.asarray(m0, np.float64)
-    e = np.exp(m0 - m0.max(-1, keepdims=True))
-    m = e / e.sum(-1, keepdims=True) + eps
-    m = m / (m.sum(-2, keepdims=True) + eps)
-    for _ in range(iters - 1):
-        m = m / (m.sum(-1, keepdims=True) + eps)
-        m = m / (m.sum(-2, keepdims=True) + eps)
-    return m
 
 
 def logits(r, *shape, scale):
@@ -48,7 +37,7 @@ def test_kernel_equals_the_formula_interpret(shape, iters, eps, block_rows, scal
     m0 = logits(rng(), *shape, scale=scale)
     got = S.sinkhorn(m0, iters, eps, block_rows=block_rows, interpret=True)
     assert got.shape == shape and got.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(got), sinkhorn_f64(m0, iters, eps), rtol=2e-5, atol=2e-7)
+    np.testing.assert_allclose(np.asarray(got), spec_reference.sinkhorn(m0, iters, eps), rtol=2e-5, atol=2e-7)
     np.testing.assert_allclose(np.asarray(got), np.asarray(S.sinkhorn_reference(m0, iters, eps)),
                                rtol=1e-5, atol=1e-7)
 
@@ -77,7 +66,7 @@ def test_dispatch_takes_the_kernel_for_powers_of_two_and_the_formula_otherwise(m
     for n in (4, 3):
         m0 = logits(r, 6, n, n, scale=2.0)
         got = kernels.sinkhorn(m0, 20, 1e-6, jnp.bfloat16, interpret=True)
-        np.testing.assert_allclose(np.asarray(got), sinkhorn_f64(m0, 20, 1e-6), rtol=2e-5, atol=2e-7)
+        np.testing.assert_allclose(np.asarray(got), spec_reference.sinkhorn(m0, 20, 1e-6), rtol=2e-5, atol=2e-7)
     assert calls == [(6, 4, 4)]
     # the mixes are fp32 in every model: a float32 model takes the kernel too; the CPU runs the formula
     kernels.sinkhorn(logits(r, 6, 4, 4, scale=2.0), 20, 1e-6, jnp.float32, interpret=True)
@@ -121,5 +110,5 @@ def test_gpu_kernel_equals_the_formula(rows):
     for n in (2, 4, 8):
         m0 = logits(r, rows, n, n, scale=4.0)
         got = np.asarray(S.sinkhorn(m0, 20, 1e-6))
-        np.testing.assert_allclose(got, sinkhorn_f64(m0, 20, 1e-6), rtol=2e-5, atol=2e-7)
+        np.testing.assert_allclose(got, spec_reference.sinkhorn(m0, 20, 1e-6), rtol=2e-5, atol=2e-7)
         np.testing.assert_allclose(got, np.asarray(S.sinkhorn_reference(m0, 20, 1e-6)), rtol=2e-5, atol=2e-7)
