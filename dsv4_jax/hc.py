@@ -62,7 +62,7 @@ def hc_pre(h: jax.Array, fn: jax.Array, scale: jax.Array, base: jax.Array, confi
         pre = jax.nn.sigmoid(mu[:, :n] * scale[0] + base[:n]) + config.hc_eps
         post = 2 * jax.nn.sigmoid(mu[:, n : 2 * n] * scale[1] + base[n : 2 * n])
         m0 = (mu[:, 2 * n :] * scale[2] + base[2 * n :]).reshape(-1, n, n)
-        return pre, post, kernels.sinkhorn(m0, config.hc_sinkhorn_iters, config.hc_eps, h.dtype)
+        return pre, post, kernels.sinkhorn(m0, config.hc_sinkhorn_iters, config.hc_eps)
 
     pre, post, comb = _per_token(coefficients, _mixes(h, fn, config.rms_norm_eps))
     x = quant.stable_sum(pre[..., None] * h.astype(jnp.float32), axis=-2)

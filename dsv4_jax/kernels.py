@@ -166,12 +166,11 @@ def routed_experts(e: Experts, x: jax.Array, ids: jax.Array, w: jax.Array, confi
     return moe.routed_experts(e, x, ids, w, config, dtype)
 
 
-def sinkhorn(m0: jax.Array, iters: int, eps: float, dtype, *, interpret: bool = False) -> jax.Array:
-    """``hc.sinkhorn(m0, iters, eps)`` of the mHC mixing matrices ``m0 [..., n, n]`` (fp32, whatever the model's
-    compute ``dtype``): one Pallas-Triton launch on GPU (``n`` a power of two; ``pallas_kernels.sinkhorn``), where
-    the formula is either a device-side loop of tiny kernels or, unrolled, minutes of XLA compile time at Flash's
-    depth; the formula elsewhere."""
-    del dtype  # the mixes are fp32 in every model; kept for the dispatchers' common signature
+def sinkhorn(m0: jax.Array, iters: int, eps: float, *, interpret: bool = False) -> jax.Array:
+    """``hc.sinkhorn(m0, iters, eps)`` of the mHC mixing matrices ``m0 [..., n, n]`` (fp32 in every model, so
+    whatever the compute dtype): one Pallas-Triton launch on GPU (``n`` a power of two;
+    ``pallas_kernels.sinkhorn``), where the formula is either a device-side loop of tiny kernels or, unrolled,
+    minutes of XLA compile time at Flash's depth; the formula elsewhere."""
     interpret = interpret or INTERPRET
     if (interpret or (ENABLED and on_gpu())) and sinkhorn_kernel.supported(m0.shape[-1]):
         return sinkhorn_kernel.sinkhorn(m0, iters, eps, interpret=interpret)

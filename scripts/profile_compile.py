@@ -42,15 +42,17 @@ def _value(text: str):
         return text
 
 
-def program(model, which: str, tokens: int, chunk: int, batch: int):
-    """The jitted function, its arguments, and the arguments it takes once compiled (static ones dropped)."""
+def program(model, which: str, tokens: int, chunk: int, batch: int, abstract: bool = False):
+    """The jitted function, its arguments, and the arguments it takes once compiled (static ones dropped);
+    ``abstract``: shapes only (``ShapeDtypeStruct``), nothing allocated."""
     c = model.config
+    make = jax.eval_shape if abstract else lambda f: f()
     if which == "forward":
-        args = (model, jnp.zeros((batch, tokens), jnp.int32))
+        args = (model, make(lambda: jnp.zeros((batch, tokens), jnp.int32)))
         return model_lib._forward, args, args
-    cache = generation.init_cache(c, batch, tokens, model.dtype)
+    cache = make(lambda: generation.init_cache(c, batch, tokens, model.dtype))
     t = chunk if which == "prefill" else 1
-    args = (model, cache, jnp.zeros((batch, t), jnp.int32), jnp.full((batch,), t, jnp.int32))
+    args = (model, cache) + make(lambda: (jnp.zeros((batch, t), jnp.int32), jnp.full((batch,), t, jnp.int32)))
     return generation._step, args + (which == "decode",), args
 
 
@@ -102,7 +104,8 @@ def main():
         if not 1 <= n <= d.FLASH.num_hidden_layers:
             ap.error(f"--flash-layers takes 1 to {d.FLASH.num_hidden_layers}, got {n}")
         ratios = d.FLASH.compress_ratios
-        config = dataclasses.replace(d.FLASH, num_hidden_layers=n, compress_ratios=ratios[:n] + ratios[43:])
+        config = dataclasses.replace(d.FLASH, num_hidden_layers=n, num_hash_layers=min(n, d.FLASH.num_hash_layers),
+                                     compress_ratios=ratios[:n] + ratios[d.FLASH.num_hidden_layers:])
         model = jax.eval_shape(lambda: d.random_model(config, seed=0, kernel_layout=False))
         if kernels.use_kernel_layout(model.dtype):
             model = jax.eval_shape(kernels.prepare_weights, model)
@@ -111,10 +114,8 @@ def main():
         config = d.tiny(hca_ratio=128, sliding_window=128, index_topk=64, vocab_size=1024,
                         max_position_embeddings=max(4096, args.tokens))
         model = d.random_model(config, seed=0)
-    fn, call_args, run_args = program(model, args.program, args.tokens, args.chunk, args.batch)
-    if args.flash_layers:  # abstract caches too
-        call_args = jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype) if isinstance(a, jax.Array) else a, call_args)
+    fn, call_args, run_args = program(model, args.program, args.tokens, args.chunk, args.batch,
+                                      abstract=bool(args.flash_layers))
 
     t0 = time.perf_counter()
     lowered = fn.trace(*call_args).lower()
@@ -134,7 +135,7 @@ def main():
         s = time.perf_counter()
         jax.block_until_ready(exe(*fresh))
         times.append(time.perf_counter() - s)
-    run = statistics.median(times[1:] if len(times) > 1 else times) if times else float("nan")
+    run = statistics.median(times[1:] if len(times) > 1 else times) if times else None
 
     chunk = f", chunk {args.chunk}" if args.program == "prefill" else ""
     path = "kernels" if kernels.attention_kernels(model.dtype) else "references"
@@ -142,8 +143,8 @@ def main():
     print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}; {args.program} of {what} "
           f"({config.num_hidden_layers} layers), batch {args.batch}, {args.tokens} tokens{chunk}; {path}; "
           f"options {options or 'none'}\n")
-    print(f"lowering {t1 - t0:.1f} s, compile {t2 - t1:.1f} s, run {1e3 * run:.2f} ms "
-          f"(median of {args.runs})\n")
+    ran = f"run {1e3 * run:.2f} ms (median of {args.runs})" if times else "not run"
+    print(f"lowering {t1 - t0:.1f} s, compile {t2 - t1:.1f} s, {ran}\n")
     print("| compiler event (host) | total s | count |\n|---|---|---|")
     for name, secs, count in host_events(trace_dir, args.top):
         print(f"| {name[:100]} | {secs:.2f} | {count} |")
