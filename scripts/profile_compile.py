@@ -104,7 +104,8 @@ def main():
         if not 1 <= n <= d.FLASH.num_hidden_layers:
             ap.error(f"--flash-layers takes 1 to {d.FLASH.num_hidden_layers}, got {n}")
         ratios = d.FLASH.compress_ratios
-        config = dataclasses.replace(d.FLASH, num_hidden_layers=n, num_hash_layers=min(n, d.FLASH.num_hash_layers),
+        config = dataclasses.replace(d.FLASH, num_hidden_layers=n,
+                                     num_hash_layers=min(n, d.FLASH.num_hash_layers),
                                      compress_ratios=ratios[:n] + ratios[d.FLASH.num_hidden_layers:])
         model = jax.eval_shape(lambda: d.random_model(config, seed=0, kernel_layout=False))
         if kernels.use_kernel_layout(model.dtype):
